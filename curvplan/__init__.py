@@ -1,0 +1,17 @@
+"""curvplan: plan, share and schedule the work of curvature- and geometry-aware optimizers in JAX."""
+
+from curvplan.ir import (
+    Cadence,
+    Error,
+    Module,
+    PlanDiff,
+    Quantity,
+    carried,
+    diff_plans,
+    fresh,
+    quantities,
+)
+from curvplan.ir._errors import *  # noqa: F401,F403  (every error class at the top level)
+from curvplan.planner import Plan, compile_plan
+
+__version__ = "0.1.0"

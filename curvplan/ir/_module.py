@@ -1,0 +1,179 @@
+"""The declaration side of the module contract (pure Python; the JAX side lives in `curvplan.modules`).
+
+A module is a frozen pydantic model with a ``kind`` discriminator. It declares what it consumes (each use
+``fresh`` or ``carried``), what it produces, when it runs and roughly what it costs:
+
+>>> from typing import Literal
+>>> from curvplan.ir import Module, fresh, quantities as q
+>>> class Scale(Module):
+...     kind: Literal["scale_doc"] = "scale_doc"
+...     factor: float = 1.0
+...     def consumes(self): return (fresh(q.grad()),)
+...     def produces(self): return (q.update(),)
+>>> Scale(factor=0.5, every=2).cadence
+@every(2)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from curvplan.ir._cadence import Cadence
+from curvplan.ir._errors import ConfigError
+from curvplan.ir._quantity import Quantity
+
+Freshness = Literal["fresh", "carried"]
+_BASE_FIELDS = frozenset({"kind", "name", "cadence", "tag", "take"})
+_CADENCE_KEYS = ("every", "offset", "start", "stop")
+
+MODULE_KINDS: dict[str, type["Module"]] = {}
+
+
+class Use(NamedTuple):
+    """A consumed quantity and its freshness."""
+
+    quantity: Quantity
+    freshness: Freshness = "fresh"
+
+
+def fresh(q: Quantity) -> Use:
+    """The consumer needs ``q`` computed in the same step."""
+    return Use(q, "fresh")
+
+
+def carried(q: Quantity) -> Use:
+    """The consumer accepts the last computed value of ``q`` (kept in the optimizer state)."""
+    return Use(q, "carried")
+
+
+class Module(BaseModel):
+    """Base of every module declaration.
+
+    Subclasses add ``kind: Literal["..."] = "..."``, their config fields, and override `consumes` and
+    `produces`. Common fields:
+
+    - ``name``: unique in a composition; defaults to ``kind`` (``kind_1``, ... when several differ).
+    - ``cadence`` (or the shortcuts ``every=``, ``offset=``, ``start=``, ``stop=``): when it runs. ``None``
+      means "whenever a fresh consumer needs my outputs, else every step".
+    - ``tag``: labels this module's outputs so that consumers can choose between two producers.
+    - ``take``: ``(("diag.hessian", "gnb"),)`` reads the quantity ``%diag.hessian`` tagged ``gnb``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str
+    name: str | None = None
+    cadence: Cadence | None = None
+    tag: str | None = None
+    take: tuple[tuple[str, str], ...] = ()
+
+    cost: ClassVar[float] = 0.1
+    """Rough relative cost in gradient evaluations, used for reporting and provider selection."""
+    state_fields: ClassVar[tuple[str, ...]] = ()
+    """Names of the arrays this module keeps across steps (shown in the plan's state line)."""
+    sink: ClassVar[bool] = False
+    """True when the module must run even if nothing reads its outputs (telemetry, the update)."""
+    info_fields: ClassVar[tuple[str, ...]] = ()
+    """Telemetry keys this module reports in `StepInfo`."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs):
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get("kind")
+        default = field.default if field is not None else None
+        if isinstance(default, str) and default:
+            MODULE_KINDS[default] = cls
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            kind = type(self).model_fields["kind"].default
+            name = data.get("name") or kind
+            raise ConfigError(
+                f"invalid configuration for module `{name}` ({type(self).__name__}):\n{e}",
+                where=f"module `{name}`",
+                fix="change the fields named above; `help(" + type(self).__name__ + ")` lists them",
+            ) from e
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_cadence(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in _CADENCE_KEYS):
+            data = dict(data)
+            parts = {k: data.pop(k) for k in _CADENCE_KEYS if k in data}
+            if data.get("cadence") is not None:
+                raise ValueError("give either cadence= or every=/offset=/start=/stop=, not both")
+            data["cadence"] = Cadence(**parts)
+        return data
+
+    # -- declarations (override) ------------------------------------------------------------------------
+    def consumes(self) -> tuple[Use, ...]:
+        """The quantities this module reads, each `fresh` or `carried`."""
+        return ()
+
+    def produces(self) -> tuple[Quantity, ...]:
+        """The quantities this module writes."""
+        return ()
+
+    # -- derived ----------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """The module's name (its ``kind`` unless named)."""
+        return self.name or self.kind
+
+    def uses(self) -> tuple[Use, ...]:
+        """`consumes` with ``take`` selections applied."""
+        taken = dict(self.take)
+        out = []
+        for u in self.consumes():
+            t = taken.get(u.quantity.name.lstrip("%"))
+            out.append(Use(u.quantity.with_attrs(tag=t), u.freshness) if t else u)
+        return tuple(out)
+
+    def outputs(self) -> tuple[Quantity, ...]:
+        """`produces` with ``tag`` applied."""
+        qs = self.produces()
+        return tuple(x.with_attrs(tag=self.tag) for x in qs) if self.tag else tuple(qs)
+
+    def settings(self) -> tuple[tuple[str, Any], ...]:
+        """All of the module's own settings (base fields excluded), sorted."""
+        dump = self.model_dump(mode="json")
+        return tuple(sorted((k, _freeze(v)) for k, v in dump.items() if k not in _BASE_FIELDS))
+
+    def config(self) -> tuple[tuple[str, Any], ...]:
+        """The settings printed as op attributes in plan text (all of them unless overridden)."""
+        return self.settings()
+
+    def identity(self) -> tuple:
+        """Equal identities mean interchangeable modules (dedup merges them)."""
+        return (self.kind, self.cadence and str(self.cadence), self.tag, self.take, self.settings())
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_defaults=True) | {"kind": self.kind}
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return v
+
+
+def module_from_dict(d: dict) -> Module:
+    """Rebuilds a module from `Module.to_dict` (its class must have been imported)."""
+    kind = d.get("kind")
+    cls = MODULE_KINDS.get(kind)
+    if cls is None:
+        raise ConfigError(
+            f"unknown module kind {kind!r}",
+            where=f"module dict {d!r}",
+            fix="import the package that defines this module before loading the plan",
+        )
+    return cls(**d)

@@ -1,0 +1,220 @@
+"""`Plan`: the static result of `compile_plan`, what lowering consumes and what users print and diff."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from curvplan.ir._cadence import describe_steps
+from curvplan.ir._errors import PlanError
+from curvplan.ir._module import Module, module_from_dict
+from curvplan.ir._quantity import Quantity
+from curvplan.ir._schedule import Phase, assign_names, format_phase
+
+PLAN_FORMAT = "curvplan.plan/1"
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A static, scheduled composition. Build it with `curvplan.compile_plan`.
+
+    Attributes:
+        name: shown in the first line of the text form.
+        optimize: False for the unplanned baseline.
+        given: quantities the caller supplies every step (e.g. the gradient under `as_optax`).
+        modules: the running modules, sorted by name (merged duplicates and dead modules dropped).
+        phases: one `Phase` per distinct set of running modules, ordered by first step.
+        prefix, period: after ``prefix`` steps the phase sequence repeats every ``period`` steps.
+        table: the phase index of each step in ``[0, prefix + period)``.
+        run: for each module, a bitmask of the steps in ``[0, prefix + 2 * period)`` on which it runs.
+        slots: carried quantities kept in the optimizer state.
+        state: names of the state entries (``step``, ``module.field``).
+        merged: ``(kept, dropped)`` names of modules merged by dedup.
+        removed: modules that never run (nothing reads their outputs).
+    """
+
+    name: str
+    optimize: bool
+    given: tuple[Quantity, ...]
+    max_period: int
+    modules: tuple[Module, ...]
+    phases: tuple[Phase, ...]
+    prefix: int
+    period: int
+    table: tuple[int, ...]
+    run: dict[str, int]
+    slots: tuple[Quantity, ...]
+    state: tuple[str, ...]
+    merged: tuple[tuple[str, str], ...] = ()
+    removed: tuple[str, ...] = ()
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # -- lookups ------------------------------------------------------------------------------------------
+    def phase_of(self, t: int) -> int:
+        """The phase index that runs at step ``t`` (a table lookup)."""
+        if t < 0:
+            raise ValueError(f"step must be >= 0, got {t}")
+        if t >= len(self.table):
+            t = self.prefix + (t - self.prefix) % self.period
+        return self.table[t]
+
+    def reduce_step(self, t: int) -> int:
+        """Maps a step to its representative in ``[0, prefix + period)`` (same phase, same cadences)."""
+        return t if t < self.prefix + self.period else self.prefix + (t - self.prefix) % self.period
+
+    def runs(self, module: str, t: int) -> bool:
+        """Whether ``module`` runs at step ``t``."""
+        return bool((self.run[module] >> self.reduce_step(t)) & 1)
+
+    def running(self, t: int) -> frozenset[str]:
+        """Names of the modules that run at step ``t``."""
+        return frozenset(lbl for lbl in self.run if self.runs(lbl, t))
+
+    def module(self, name: str) -> Module:
+        for m in self.modules:
+            if m.label == name:
+                return m
+        raise KeyError(f"no module named {name!r} in this plan; modules: {[m.label for m in self.modules]}")
+
+    @property
+    def phase_table(self) -> dict[str, Any]:
+        """The phase table as data: ``{"prefix", "period", "table"}`` (``table[reduce_step(t)]``)."""
+        return {"prefix": self.prefix, "period": self.period, "table": list(self.table)}
+
+    def cadence_of(self, module: str) -> str:
+        """The effective cadence of a module, as printed text (``@every(10)``, unions joined by ``|``)."""
+        terms = describe_steps(self.run[module], self.prefix, self.period)
+        return "@pattern" if terms is None else " | ".join(map(str, terms)) or "@never"
+
+    def phase_mask(self, index: int) -> int:
+        """Bitmask of the steps in ``[0, prefix + 2 * period)`` that run phase ``index``."""
+        mask = 0
+        for t in range(self.prefix + 2 * self.period):
+            if self.phase_of(t) == index:
+                mask |= 1 << t
+        return mask
+
+    def quantity_cadences(self) -> dict[str, str]:
+        """Printed name -> cadence (as text) of every value the plan computes."""
+        masks: dict[Quantity, int] = {}
+        for ph in self.phases:
+            pm = self.phase_mask(ph.index)
+            for op in ph.ops:
+                om = self.run[op.name] & pm if op.role == "module" else pm
+                for q in op.outputs:
+                    masks[q] = masks.get(q, 0) | om
+        out = {}
+        for q, mask in masks.items():
+            terms = describe_steps(mask, self.prefix, self.period)
+            out[self.names[q]] = "@pattern" if terms is None else " | ".join(map(str, terms))
+        return out
+
+    @cached_property
+    def names(self) -> dict[Quantity, str]:
+        """Printed name of every value in the plan."""
+        nodes = set(self.slots) | set(self.given)
+        for ph in self.phases:
+            for op in ph.ops:
+                nodes.update(op.outputs)
+                nodes.update(r.node for r in op.reads)
+        return assign_names(nodes)
+
+    # -- text --------------------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        if "text" not in self._cache:
+            self._cache["text"] = self._format()
+        return self._cache["text"]
+
+    def _format(self) -> str:
+        n = len(self.phases)
+        head = f"plan {self.name}{'' if self.optimize else ' (unplanned)'}: {n} phase{'s' if n != 1 else ''}"
+        head += f", prefix {self.prefix}" if self.prefix else ""
+        head += f", period {self.period}"
+        lines = [head]
+        if self.given:
+            lines.append("given: " + ", ".join(self.names[q] for q in self.given))
+        for ph in self.phases:
+            lines += format_phase(ph, self.names)
+        state = list(self.state) + [f"slot {self.names[q]}" for q in self.slots]
+        lines.append("state: " + ", ".join(state))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Plan {self.name!r}: {len(self.phases)} phases, {len(self.modules)} modules, {self.fingerprint}>"
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the canonical text: equal for equal plans, stored in checkpoints."""
+        return hashlib.sha256(str(self).encode()).hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and str(self) == str(other) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    # -- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description: the module configs plus the text they compile to."""
+        return {
+            "format": PLAN_FORMAT,
+            "name": self.name,
+            "optimize": self.optimize,
+            "given": [q.to_dict() for q in self.given],
+            "max_period": self.max_period,
+            "modules": [m.to_dict() for m in self.modules],
+            "text": str(self),
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """Recompiles a plan from `to_dict` and checks it prints the same text."""
+        from curvplan.planner._compile import compile_plan
+
+        if d.get("format") != PLAN_FORMAT:
+            raise PlanError(
+                f"unknown plan format {d.get('format')!r}",
+                where="Plan.from_dict",
+                fix=f"pass a dict made by `Plan.to_dict()` (format {PLAN_FORMAT!r})",
+            )
+        plan = compile_plan(
+            [module_from_dict(m) for m in d["modules"]],
+            optimize=d["optimize"],
+            name=d["name"],
+            given=[Quantity.from_dict(q) for q in d["given"]],
+            max_period=d["max_period"],
+        )
+        if "text" in d and str(plan) != d["text"]:
+            raise PlanError(
+                "the stored plan text differs from what these modules compile to now",
+                where=f"plan {d['name']!r} (stored fingerprint {d.get('fingerprint')})",
+                fix="the planner or a module changed since the plan was saved; recompile and re-save it",
+            )
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    # -- pictures ---------------------------------------------------------------------------------------
+    def to_dot(self) -> str:
+        """The plan as Graphviz DOT source."""
+        from curvplan.ir._visualize import plan_to_dot
+
+        return plan_to_dot(self)
+
+    def visualize(self, path: str | None = None, format: str | None = None) -> str:
+        """Draws the plan; returns the DOT source.
+
+        Renders with Graphviz's ``dot`` when installed, otherwise with matplotlib (if installed).
+
+        Args:
+            path: file to write (``.svg``, ``.png`` or ``.dot``); ``None`` only returns the DOT source.
+            format: overrides the format implied by ``path``'s suffix.
+        """
+        from curvplan.ir._visualize import render
+
+        return render(self, path, format)
