@@ -75,8 +75,8 @@ class Module(BaseModel):
     """Names of the arrays this module keeps across steps (shown in the plan's state line)."""
     sink: ClassVar[bool] = False
     """True when the module must run even if nothing reads its outputs (telemetry, the update)."""
-    info_fields: ClassVar[tuple[str, ...]] = ()
-    """Telemetry keys this module reports in `StepInfo`."""
+    info_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """Telemetry ``(key, dtype)`` pairs (dtype ``float`` / ``int`` / ``bool``) this module reports in `StepInfo`."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,318 @@
+"""Plan -> JAX programs: one program per phase over one shared state structure and one `StepInfo` schema.
+
+`lower_plan(plan, objective)` returns a `LoweredPlan` with
+
+- ``init(params, rng=None) -> PlanState``;
+- ``phase_fns[i](params, state, batch, rng, given) -> (updates, state, info)``, one per phase;
+- ``switch(params, state, batch, rng, given)``: ``lax.switch`` over the phases keyed by ``state.step``.
+
+An unplanned plan (``optimize=False``) has one phase whose module ops carry guards; each guarded module runs
+under ``lax.cond`` on its cadence, as hand-wired code would.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvplan.ir._errors import LoweringError
+from curvplan.ir._quantity import Quantity
+from curvplan.ir._schedule import Op, Phase
+from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
+from curvplan.modules._base import Context, Module, tree_all_finite, tree_norm
+from curvplan.planner._plan import Plan
+
+_INFO_DEFAULTS = {"float": jnp.nan, "int": -1, "bool": False}
+_INFO_DTYPES = {"float": jnp.float32, "int": jnp.int32, "bool": jnp.bool_}
+BASE_INFO = (("loss", "float"), ("update_norm", "float"), ("skipped", "bool"), ("skipped_steps", "int"),
+             ("phase", "int"))
+
+
+class PlanState(NamedTuple):
+    """Optimizer state shared by every phase.
+
+    Attributes:
+        step: int32 step counter (selects the phase).
+        modules: module name -> that module's state.
+        slots: carried quantity name -> its last computed value.
+        skipped: number of steps whose update was not finite and was not applied.
+    """
+
+    step: jax.Array
+    modules: dict[str, Any]
+    slots: dict[str, Any]
+    skipped: jax.Array
+
+
+@jax.tree_util.register_pytree_node_class
+class StepInfo:
+    """Telemetry of one step: a fixed set of scalar fields per plan (absent metrics: NaN / -1 / False).
+
+    Fields always present: ``loss``, ``update_norm``, ``skipped`` (this step's update was not applied),
+    ``skipped_steps`` (running count), ``phase``; plus the ``info_fields`` of the plan's modules, prefixed by
+    nothing when unique (``cg_iters``) and by ``module.`` when two modules report the same key.
+    """
+
+    def __init__(self, fields: dict[str, Any]):
+        self._fields = dict(fields)
+
+    def tree_flatten(self):
+        keys = tuple(sorted(self._fields))
+        return tuple(self._fields[k] for k in keys), keys
+
+    @classmethod
+    def tree_unflatten(cls, keys, values):
+        return cls(dict(zip(keys, values)))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["_fields"][key]
+        except KeyError:
+            raise AttributeError(f"StepInfo has no field {key!r}; fields: {sorted(self._fields)}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fields[key]
+
+    def keys(self):
+        return sorted(self._fields)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: self._fields[k] for k in self.keys()}
+
+    def __repr__(self) -> str:
+        def fmt(v):
+            try:
+                v = np.asarray(v)
+                return f"{v.item():.4g}" if v.dtype.kind == "f" and v.ndim == 0 else str(v.tolist())
+            except Exception:  # tracers
+                return "?"
+        return "StepInfo(" + ", ".join(f"{k}={fmt(v)}" for k, v in self.as_dict().items()) + ")"
+
+
+def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array | None:
+    if rng is None:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(rng, step), zlib.crc32(label.encode()) & 0x7FFFFFFF)
+
+
+class LoweredPlan:
+    """JAX programs for a plan and an objective. Built by `lower_plan`."""
+
+    def __init__(self, plan: Plan, objective: Objective):
+        self.plan = plan
+        self.objective = objective
+        self.modules: dict[str, Module] = {}
+        for m in plan.modules:
+            if not isinstance(m, Module):
+                raise LoweringError(
+                    f"module `{m.label}` ({type(m).__name__}) is a declaration only and cannot run",
+                    where=f"module `{m.label}`",
+                    fix="use modules from `curvplan.modules` (subclasses of `curvplan.modules.Module`)",
+                )
+            self.modules[m.label] = m
+        self.update_q = next((x for x in self._all_outputs() if x.kind == "update" and x.scope == "all"), None)
+        if self.update_q is None:
+            raise LoweringError(
+                "no module in the plan produces %update",
+                where=f"plan {plan.name!r}",
+                fix="end the composition with an update transform, e.g. `cp.modules.UpdateTail(learning_rate=1.0)`",
+            )
+        self.info_schema = self._info_schema()
+        window = plan.prefix + plan.period
+        self.phase_table = np.asarray(plan.table, dtype=np.int32)
+        self.run_table = {
+            lbl: np.asarray([(mask >> t) & 1 for t in range(window)], dtype=bool) for lbl, mask in plan.run.items()
+        }
+        self.phase_fns: tuple[Callable, ...] = tuple(self._phase_fn(ph) for ph in plan.phases)
+
+    def _all_outputs(self):
+        for m in self.plan.modules:
+            yield from m.outputs()
+
+    def _info_schema(self) -> dict[str, tuple[str, str, str]]:
+        """Flat key -> (module, key in module, dtype)."""
+        counts: dict[str, int] = {}
+        for m in self.plan.modules:
+            for k, _ in m.info_fields:
+                counts[k] = counts.get(k, 0) + 1
+        schema = {}
+        for m in self.plan.modules:
+            for k, dt in m.info_fields:
+                flat = k if counts[k] == 1 else f"{m.label}.{k}"
+                schema[flat] = (m.label, k, dt)
+        return schema
+
+    # -- state ------------------------------------------------------------------------------------------
+    def init(self, params: Any, rng: jax.Array | None = None) -> PlanState:
+        step = jnp.zeros((), jnp.int32)
+        mods, slots = {}, {}
+        for lbl, m in self.modules.items():
+            ctx = self._ctx(lbl, step, rng, params, None)
+            mods[lbl] = m.init(params, ctx)
+        writers = {}
+        for ph in self.plan.phases:
+            for op in ph.ops:
+                for w in op.writes:
+                    writers.setdefault(w, op)
+        for qv in self.plan.slots:
+            op = writers.get(qv)
+            if op is None or op.role != "module":
+                raise LoweringError(f"carried {qv.name} has no module that writes it", where=f"slot {qv.name}")
+            m = self.modules[op.name]
+            slots[self.plan.names[qv]] = m.init_carried(qv, params, self._ctx(op.name, step, rng, params, None))
+        return PlanState(step, mods, slots, jnp.zeros((), jnp.int32))
+
+    def _ctx(self, label, step, rng, params, batch) -> Context:
+        return Context(step, _module_rng(rng, label, step), params, batch, self.objective, label)
+
+    # -- one phase --------------------------------------------------------------------------------------
+    def _phase_fn(self, phase: Phase) -> Callable:
+        plan = self.plan
+
+        def run_phase(params, state: PlanState, batch, rng, given: dict[Quantity, Any]):
+            env: dict[Quantity, Any] = dict(given)
+            mods = dict(state.modules)
+            slots = dict(state.slots)
+            infos: dict[str, dict[str, Any]] = {}
+            for op in phase.ops:
+                if op.role == "provider":
+                    env.update(self._run_provider(op, params, batch, rng))
+                    continue
+                m = self.modules[op.name]
+                inputs = {}
+                for r in op.reads:
+                    if r.source == "slot":
+                        inputs[r.quantity] = slots[plan.names[r.node]]
+                    elif r.node.is_input:
+                        inputs[r.quantity] = {"params": params, "batch": batch, "rng": None}[r.node.kind]
+                    else:
+                        inputs[r.quantity] = env[r.node]
+                ctx = self._ctx(op.name, state.step, rng, params, batch)
+                if "rng" in [r.node.kind for r in op.reads]:
+                    inputs[next(r.quantity for r in op.reads if r.node.kind == "rng")] = ctx.rng
+                outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, slots, state.step)
+                mods[op.name] = new_state
+                infos[op.name] = info
+                for qv in op.outputs:
+                    env[qv] = outs[qv]
+                for w in op.writes:
+                    slots[plan.names[w]] = outs[w]
+            updates = env[self.update_q]
+            finite = tree_all_finite(updates)
+            new = PlanState(state.step + 1, mods, slots, state.skipped)
+            kept = PlanState(state.step + 1, state.modules, state.slots, state.skipped + 1)
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+            updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+            info = self._info(env, infos, updates, finite, new.skipped, phase.index)
+            return updates, new, info
+
+        run_phase.__name__ = f"phase_{phase.index}"
+        return run_phase
+
+    def _run_provider(self, op: Op, params, batch, rng) -> dict[Quantity, Any]:
+        impl = PROVIDER_IMPLS.get(op.op)
+        if impl is None:
+            raise LoweringError(
+                f"provider rule {op.op!r} has no JAX implementation",
+                where=f"provider {op.op}",
+                fix="register one with `curvplan.lowering.register_provider_impl`",
+            )
+        vals = impl(self.objective, params, batch, rng)
+        out = {}
+        for qv in op.outputs:
+            base = qv.replace(attrs=tuple((k, v) for k, v in qv.attrs if k != "instance"))
+            if base not in vals:
+                raise LoweringError(
+                    f"provider {op.op} did not produce {base.name} for this objective",
+                    where=f"provider {op.op}, quantity {base.name}",
+                    fix="check the objective's loss kind matches the modules (e.g. GGN(loss='ce') needs loss='ce')",
+                )
+            out[qv] = vals[base]
+        return out
+
+    def _run_module(self, m: Module, op: Op, inputs, mstate, ctx: Context, slots, step):
+        def run(inputs, mstate):
+            c = Context(ctx.step, ctx.rng, ctx.params, ctx.batch, ctx.objective, ctx.module)
+            outs, new_state = m.apply(inputs, mstate, c)
+            missing = [x.name for x in op.outputs if x not in outs]
+            if missing:
+                raise LoweringError(f"module `{op.name}` did not return {missing}", where=f"module `{op.name}`")
+            return {x: outs[x] for x in op.outputs}, new_state, self._module_info(m, c.info)
+
+        if op.guard is None:
+            return run(inputs, mstate)
+        active = jnp.asarray(self.run_table[op.name])[self._reduce(step)]
+        shapes = jax.eval_shape(run, inputs, mstate)
+
+        def skip(inputs, mstate):
+            outs = {}
+            for x in op.outputs:
+                if x in op.writes:
+                    outs[x] = slots[self.plan.names[x]]
+                else:
+                    outs[x] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][x])
+            info = jax.tree.map(lambda s: jnp.asarray(jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else
+                                                      (False if s.dtype == jnp.bool_ else -1), s.dtype), shapes[2])
+            return outs, mstate, info
+
+        return jax.lax.cond(active, run, skip, inputs, mstate)
+
+    def _module_info(self, m: Module, reported: dict[str, Any]) -> dict[str, Any]:
+        declared = dict(m.info_fields)
+        extra = set(reported) - set(declared)
+        if extra:
+            raise LoweringError(
+                f"module `{m.label}` reported undeclared telemetry {sorted(extra)}",
+                where=f"module `{m.label}`",
+                fix=f"add them to `{type(m).__name__}.info_fields`",
+            )
+        return {k: jnp.asarray(reported.get(k, _INFO_DEFAULTS[dt]), _INFO_DTYPES[dt]) for k, dt in declared.items()}
+
+    def _info(self, env, infos, updates, finite, skipped, phase_index) -> StepInfo:
+        from curvplan.ir import quantities as qs
+
+        loss = env.get(qs.loss())
+        fields = {
+            "loss": jnp.asarray(jnp.nan if loss is None else loss, jnp.float32),
+            "update_norm": tree_norm(updates).astype(jnp.float32),
+            "skipped": ~finite,
+            "skipped_steps": skipped,
+            "phase": jnp.asarray(phase_index, jnp.int32),
+        }
+        for flat, (lbl, key, dt) in self.info_schema.items():
+            got = infos.get(lbl, {}).get(key)
+            fields[flat] = jnp.asarray(_INFO_DEFAULTS[dt] if got is None else got, _INFO_DTYPES[dt])
+        return StepInfo(fields)
+
+    def empty_info(self) -> StepInfo:
+        """A `StepInfo` with every field of this plan's schema at its "absent" value."""
+        fields = {k: jnp.asarray(_INFO_DEFAULTS[dt], _INFO_DTYPES[dt]) for k, dt in BASE_INFO}
+        for flat, (_, _, dt) in self.info_schema.items():
+            fields[flat] = jnp.asarray(_INFO_DEFAULTS[dt], _INFO_DTYPES[dt])
+        return StepInfo(fields)
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+    def _reduce(self, step: jax.Array) -> jax.Array:
+        p = self.plan
+        return jnp.where(step < p.prefix + p.period, step, p.prefix + (step - p.prefix) % p.period)
+
+    def phase_index(self, step: jax.Array) -> jax.Array:
+        """The phase of a (traced) step, from the phase table as a constant array."""
+        return jnp.asarray(self.phase_table)[self._reduce(step)]
+
+    def switch(self, params, state: PlanState, batch, rng=None, given=None):
+        """One step with the phase chosen inside the program (``lax.switch`` on ``state.step``)."""
+        given = given or {}
+        if len(self.phase_fns) == 1:
+            return self.phase_fns[0](params, state, batch, rng, given)
+        branches = [lambda a, s, b, r, g, f=f: f(a, s, b, r, g) for f in self.phase_fns]
+        return jax.lax.switch(self.phase_index(state.step), branches, params, state, batch, rng, given)
+
+
+def lower_plan(plan: Plan, objective: Objective) -> LoweredPlan:
+    """Builds the JAX programs of a plan for a model (see `LoweredPlan`)."""
+    return LoweredPlan(plan, objective)

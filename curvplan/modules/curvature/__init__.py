@@ -1,0 +1,5 @@
+"""Curvature operators: turn a provider's linearization into the operator `%curv_op` solvers consume."""
+
+from curvplan.modules.curvature._operators import GGN, Hessian, curv_op
+
+__all__ = ["Hessian", "GGN", "curv_op"]

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+from pydantic import Field
+
+from curvplan.ir import quantities as q
+from curvplan.modules._base import Module
+
+
+class ConstantDamping(Module):
+    """A fixed damping strength: ``%lambda = lam`` every step.
+
+    >>> from curvplan.modules import ConstantDamping
+    >>> ConstantDamping(lam=0.1).lam
+    0.1
+    """
+
+    kind: Literal["constant_damping"] = "constant_damping"
+    lam: float = Field(1.0, ge=0.0)
+    cost = 0.0
+
+    def produces(self):
+        return (q.lam(),)
+
+    def init_carried(self, quantity, params, ctx):
+        return jnp.asarray(self.lam, jnp.float32)
+
+    def apply(self, inputs, state, ctx):
+        return {q.lam(): jnp.asarray(self.lam, jnp.float32)}, state

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from curvplan.ir import carried, fresh
+from curvplan.ir import quantities as q
+from curvplan.modules._base import Module
+
+
+def precond_diag():
+    """The bias-corrected diagonal EMA ``%precond.diag`` (carried between refreshes)."""
+    return q.quantity("precond", "diag")
+
+
+class DiagEMAState(NamedTuple):
+    v: object
+    count: jax.Array
+
+
+class DiagEMA(Module):
+    """EMA of a diagonal curvature estimate, bias-corrected by the number of refreshes.
+
+    ``mode="sophia"`` averages d; ``mode="adahessian"`` averages d². Runs on its cadence (e.g. ``every=10``)
+    and its output ``%precond.diag`` is read carried in between.
+    """
+
+    kind: Literal["diag_ema"] = "diag_ema"
+    beta: float = Field(0.99, ge=0.0, lt=1.0)
+    mode: Literal["sophia", "adahessian"] = "sophia"
+    estimate: tuple[tuple[str, int | str], ...] = (("est", "hutchinson"), ("probes", 1))
+    """Attributes of the ``%diag.curvature`` quantity to average."""
+    cost = 0.0
+    state_fields = ("v", "count")
+
+    def consumes(self):
+        return (fresh(q.diag("curvature", **dict(self.estimate))),)
+
+    def produces(self):
+        return (precond_diag(),)
+
+    def init(self, params, ctx):
+        return DiagEMAState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+
+    def apply(self, inputs, state, ctx):
+        d = inputs[self.consumes()[0].quantity]
+        contrib = d if self.mode == "sophia" else jax.tree.map(jnp.square, d)
+        v = jax.tree.map(lambda a, b: self.beta * a + (1 - self.beta) * b, state.v, contrib)
+        count = state.count + 1
+        bc = jnp.maximum(1 - self.beta ** count.astype(jnp.float32), 1e-8)
+        return {precond_diag(): jax.tree.map(lambda x: x / bc, v)}, DiagEMAState(v, count)
+
+
+class DiagonalDirection(Module):
+    """A diagonally preconditioned momentum direction ``%direction.diag`` (AdaHessian / Sophia style).
+
+    m ← EMA_β1(m, g), m̂ = m / (1 − β1^t); s = m̂ / den with den = max(v̂, 0)^(power/2) + eps (AdaHessian)
+    or max(γ v̂, eps) (Sophia, then clipped to [-1, 1]).
+    """
+
+    kind: Literal["diagonal_direction"] = "diagonal_direction"
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    mode: Literal["sophia", "adahessian"] = "adahessian"
+    gamma: float = Field(0.01, gt=0)
+    power: float = Field(1.0, gt=0)
+    eps: float = Field(1e-8, gt=0)
+    cost = 0.0
+    state_fields = ("m", "count")
+
+    def consumes(self):
+        return (fresh(q.grad()), carried(precond_diag()))
+
+    def produces(self):
+        return (q.direction("diag"),)
+
+    def init(self, params, ctx):
+        return DiagEMAState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+
+    def apply(self, inputs, state, ctx):
+        g, v = inputs[q.grad()], inputs[precond_diag()]
+        m = jax.tree.map(lambda a, b: self.beta1 * a + (1 - self.beta1) * b, state.v, g)
+        count = state.count + 1
+        mhat = jax.tree.map(lambda x: x / (1 - self.beta1 ** count.astype(jnp.float32)), m)
+        if self.mode == "adahessian":
+            s = jax.tree.map(lambda a, b: a / (jnp.maximum(b, 0) ** (self.power / 2) + self.eps), mhat, v)
+        else:
+            s = jax.tree.map(lambda a, b: jnp.clip(a / jnp.maximum(self.gamma * b, self.eps), -1, 1), mhat, v)
+        return {q.direction("diag"): s}, DiagEMAState(m, count)

@@ -1,0 +1,86 @@
+"""Presets: documented module lists for known methods. Compose them further like any list.
+
+>>> import curvplan as cp
+>>> print(cp.compile_plan(cp.presets.gauss_newton_cg(loss="ce"), name="sgn"))  # doctest: +ELLIPSIS
+plan sgn: 1 phase, period 1
+phase 0 @every(1) [linearize_model]
+  %ggn_op.ce, %grad, %loss = linearize_model(params, batch, rng)
+...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from curvplan.modules import (
+    CG,
+    GGN,
+    ConstantDamping,
+    DiagEMA,
+    DiagonalDirection,
+    Hessian,
+    HutchinsonDiag,
+    Module,
+    UpdateTail,
+)
+
+
+def _tail(learning_rate, momentum, weight_decay, clip_norm, source="newton") -> UpdateTail:
+    return UpdateTail(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+                      clip_norm=clip_norm, source=source)
+
+
+def newton_cg(
+    learning_rate: Any = 1.0,
+    *,
+    lam: float = 1.0,
+    tol: float = 1e-5,
+    maxiter: int = 20,
+    warm_start: bool = True,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> list[Module]:
+    """Newton-CG: exact Hessian, constant damping λ, CG (stops on negative curvature), ``-lr·s``."""
+    return [
+        Hessian(),
+        ConstantDamping(lam=lam),
+        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
+        _tail(learning_rate, momentum, weight_decay, clip_norm),
+    ]
+
+
+def gauss_newton_cg(
+    learning_rate: Any = 1.0,
+    *,
+    loss: Literal["mse", "ce"] = "ce",
+    lam: float = 1.0,
+    tol: float = 1e-5,
+    maxiter: int = 20,
+    warm_start: bool = True,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> list[Module]:
+    """Gauss-Newton-CG (Somax's ``sgn_*``): GGN for ``loss``, constant damping λ, CG, ``-lr·s``."""
+    return [
+        GGN(loss=loss),
+        ConstantDamping(lam=lam),
+        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
+        _tail(learning_rate, momentum, weight_decay, clip_norm),
+    ]
+
+
+def adahessian_like(
+    learning_rate: Any = 0.1, *, hessian_every: int = 10, probes: int = 1, beta1: float = 0.9, beta2: float = 0.999
+) -> list[Module]:
+    """Hutchinson diagonal of the Hessian refreshed every ``hessian_every`` steps, EMA'd, used as an
+    AdaHessian-style diagonal preconditioner for gradient momentum (the full AdaHessian preset comes with
+    the second-order library)."""
+    return [
+        Hessian(),
+        HutchinsonDiag(probes=probes),
+        DiagEMA(beta=beta2, mode="adahessian", every=hessian_every, estimate=(("est", "hutchinson"), ("probes", probes))),
+        DiagonalDirection(beta1=beta1, mode="adahessian"),
+        UpdateTail(learning_rate=learning_rate, source="diag"),
+    ]

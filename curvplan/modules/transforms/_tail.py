@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import optax
+from pydantic import ConfigDict, Field, field_serializer
+
+from curvplan.ir import fresh
+from curvplan.ir import quantities as q
+from curvplan.modules._base import Module
+
+
+class UpdateTail(Module):
+    """Direction -> ``%update``: optional momentum, global-norm clip, decoupled weight decay, then ``-lr``.
+
+    Built from optax: ``trace`` → ``clip_by_global_norm`` → ``add_decayed_weights`` → ``scale_by_learning_rate``.
+
+    Args:
+        learning_rate: a float or an optax schedule ``step -> lr``.
+        source: which ``%direction.<source>`` to read (``newton``, ``diag``, ...).
+
+    >>> from curvplan.modules import UpdateTail
+    >>> [u.quantity.name for u in UpdateTail(source="diag").uses()]
+    ['%direction.diag', 'params']
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    kind: Literal["update_tail"] = "update_tail"
+    learning_rate: float | Callable[[Any], Any] = 1.0
+    source: str = "newton"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    clip_norm: float | None = Field(None, gt=0)
+    cost = 0.0
+    state_fields = ("opt_state",)
+
+    @field_serializer("learning_rate")
+    def _lr(self, lr):
+        return lr if isinstance(lr, (int, float)) else f"<schedule {getattr(lr, '__name__', type(lr).__name__)}>"
+
+    def consumes(self):
+        return (fresh(q.direction(self.source)), fresh(q.params()))
+
+    def produces(self):
+        return (q.update(),)
+
+    def transform(self) -> optax.GradientTransformation:
+        parts = []
+        if self.momentum:
+            parts.append(optax.trace(decay=self.momentum, nesterov=self.nesterov))
+        if self.clip_norm is not None:
+            parts.append(optax.clip_by_global_norm(self.clip_norm))
+        if self.weight_decay:
+            parts.append(optax.add_decayed_weights(self.weight_decay))
+        parts.append(optax.scale_by_learning_rate(self.learning_rate))
+        return optax.chain(*parts)
+
+    def init(self, params, ctx):
+        return self.transform().init(params)
+
+    def apply(self, inputs, state, ctx):
+        updates, state = self.transform().update(inputs[q.direction(self.source)], state, inputs[q.params()])
+        return {q.update(): updates}, state

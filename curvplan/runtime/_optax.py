@@ -1,0 +1,73 @@
+"""`as_optax`: a plan as an ``optax.GradientTransformationExtraArgs``."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import optax
+
+from curvplan.ir import quantities as q
+from curvplan.ir._errors import LoweringError
+from curvplan.ir._module import Module
+from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
+from curvplan.planner import Plan, compile_plan
+
+
+class OptaxPlanState(NamedTuple):
+    """State of `as_optax`: the plan state plus the last step's telemetry."""
+
+    plan_state: PlanState
+    info: StepInfo
+
+
+def as_optax(
+    plan: Plan | Sequence[Module],
+    loss_fn: Callable | None = None,
+    *,
+    model_fn: Callable | None = None,
+    loss: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps a plan as an optax transformation.
+
+    The incoming ``updates`` are the user's gradient and are reused as ``%grad``: the plan is recompiled with
+    ``given=[grad]``, so a phase that needs only the gradient evaluates no extra forward/backward pass.
+    Extra arguments are keyword-only: ``batch=`` (required when a phase needs more than the gradient) and
+    ``rng=``; unknown extras are ignored. The phase is chosen with ``lax.switch`` on the in-state step, so the
+    update works inside a user's own ``jax.jit``. ``state.info`` holds the last step's `StepInfo`.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, curvplan as cp
+        >>> f = lambda w, b: jnp.sum((w - b) ** 2)
+        >>> tx = optax.chain(optax.clip_by_global_norm(10.0), cp.as_optax(cp.presets.newton_cg(lam=0.0), f))
+        >>> w = jnp.zeros(2); state = tx.init(w)
+        >>> g = jax.grad(f)(w, jnp.ones(2))
+        >>> updates, state = tx.update(g, state, w, batch=jnp.ones(2))
+        >>> [float(x) for x in optax.apply_updates(w, updates)]
+        [1.0, 1.0]
+    """
+    modules = list(plan.modules) if isinstance(plan, Plan) else list(plan)
+    base = plan if isinstance(plan, Plan) else None
+    planned = compile_plan(
+        modules,
+        optimize=base.optimize if base else True,
+        name=base.name if base else "plan",
+        given=[q.grad()],
+        max_period=base.max_period if base else 100_000,
+    )
+    lowered = lower_plan(planned, Objective(loss_fn=loss_fn, model_fn=model_fn, loss_kind=loss))
+
+    def init_fn(params):
+        return OptaxPlanState(lowered.init(params), lowered.empty_info())
+
+    def update_fn(updates, state: OptaxPlanState, params=None, *, batch=None, rng=None, **extra):
+        del extra
+        if params is None:
+            raise LoweringError(
+                "curvplan's optax transformation needs the parameters",
+                where="update(updates, state, params)",
+                fix="call `tx.update(grads, state, params, batch=batch)`",
+            )
+        new_updates, plan_state, info = lowered.switch(params, state.plan_state, batch, rng, {q.grad(): updates})
+        return new_updates, OptaxPlanState(plan_state, info)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,104 @@
+"""`Optimizer`: what users hold. Host dispatch to one compiled program per phase, and a scanned driver."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvplan.ir._module import Module
+from curvplan.lowering import LoweredPlan, Objective, PlanState, StepInfo, lower_plan
+from curvplan.planner import Plan, compile_plan
+
+
+def _objective(loss_fn, model_fn, loss) -> Objective:
+    return Objective(loss_fn=loss_fn, model_fn=model_fn, loss_kind=loss)
+
+
+class Optimizer:
+    """Runs a plan on a model.
+
+    Args:
+        plan: a `Plan`, or a module list (compiled with default options).
+        loss_fn: ``loss_fn(params, batch) -> scalar`` (gradient and Hessian methods).
+        model_fn, loss: ``model_fn(params, inputs) -> outputs`` with ``loss='mse'|'ce'`` and
+            ``batch = (inputs, targets)`` (needed by Gauss-Newton methods).
+
+    ``step`` reads the step counter on the host and calls that phase's jitted program, so each phase compiles
+    exactly once (``trace_counts`` records it). ``run`` scans many steps in one program with ``lax.switch``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, curvplan as cp
+        >>> opt = cp.Optimizer(cp.presets.newton_cg(lam=0.0), loss_fn=lambda w, b: jnp.sum((w - b) ** 2))
+        >>> w = jnp.zeros(3); state = opt.init(w)
+        >>> w, state, info = opt.step(w, state, jnp.ones(3))
+        >>> [float(x) for x in w], int(info.cg_iters)
+        ([1.0, 1.0, 1.0], 1)
+    """
+
+    def __init__(
+        self,
+        plan: Plan | Sequence[Module],
+        loss_fn: Callable | None = None,
+        *,
+        model_fn: Callable | None = None,
+        loss: str | None = None,
+    ):
+        self.plan = plan if isinstance(plan, Plan) else compile_plan(list(plan))
+        self.lowered: LoweredPlan = lower_plan(self.plan, _objective(loss_fn, model_fn, loss))
+        self.trace_counts = [0] * len(self.plan.phases)
+        self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.phase_fns)]
+        self._scan = jax.jit(self._run_impl)
+
+    def _counted(self, i: int, f: Callable) -> Callable:
+        def step(params, state, batch, rng):
+            self.trace_counts[i] += 1
+            updates, state, info = f(params, state, batch, rng, {})
+            return optax.apply_updates(params, updates), state, info
+
+        step.__name__ = f"curvplan_phase_{i}"
+        return step
+
+    def init(self, params: Any, rng: jax.Array | None = None) -> PlanState:
+        """The optimizer state for ``params``."""
+        return self.lowered.init(params, rng)
+
+    def step(self, params, state: PlanState, batch, rng: jax.Array | None = None) -> tuple[Any, PlanState, StepInfo]:
+        """One step: returns ``(new_params, new_state, info)``."""
+        phase = self.plan.phase_of(int(state.step))
+        return self._jitted[phase](params, state, batch, rng)
+
+    def _run_impl(self, params, state, batches, rng):
+        def body(carry, batch):
+            params, state = carry
+            updates, state, info = self.lowered.switch(params, state, batch, rng)
+            return (optax.apply_updates(params, updates), state), info
+
+        (params, state), infos = jax.lax.scan(body, (params, state), batches)
+        return params, state, infos
+
+    def run(self, params, state: PlanState, batches, rng: jax.Array | None = None):
+        """Many steps in one compiled program: ``batches`` is stacked on a leading axis (one row per step).
+
+        Returns ``(params, state, infos)`` with ``infos`` stacked over steps.
+        """
+        return self._scan(params, state, batches, rng)
+
+    def __repr__(self) -> str:
+        return f"Optimizer({self.plan!r})"
+
+
+def make_step_fn(opt: Optimizer) -> Callable:
+    """A single jittable step using ``lax.switch`` (for users who jit their own training step)."""
+
+    def step(params, state, batch, rng=None):
+        updates, state, info = opt.lowered.switch(params, state, batch, rng)
+        return optax.apply_updates(params, updates), state, info
+
+    return step
+
+
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
