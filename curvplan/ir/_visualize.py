@@ -38,7 +38,7 @@ FONT = "Helvetica"
 @dataclass
 class _Node:
     id: str
-    kind: str  # "op" | "value" | "input" | "slot"
+    kind: str  # "op" | "value" | "input"
     label: str
     fill: str = ""
     op: Op | None = None
@@ -55,7 +55,8 @@ class _PhaseView:
 
 
 def _callee(op: Op) -> str:
-    return op.op if op.name == op.op or op.role == "provider" else f"{op.op}:{op.name}"
+    # providers by name: private copies in the unplanned baseline are ``rule/module``
+    return op.name if op.name == op.op or op.role == "provider" else f"{op.op}:{op.name}"
 
 
 def _op_label(op: Op) -> str:
@@ -159,7 +160,7 @@ def plan_to_dot(plan: "Plan") -> str:
     out = [
         f"digraph {_s('plan ' + plan.name)} {{",
         "  graph " + _attrs(rankdir="LR", fontname=FONT, fontsize=12, label=_head(plan), labelloc="t",
-                            labeljust="l", nodesep="0.12", ranksep="0.3", newrank="true", compound="true",
+                            labeljust="l", nodesep="0.12", ranksep="0.3", newrank="true",
                             pad="0.2") + ";",
         "  node " + _attrs(fontname=FONT, fontsize=9, height="0.3", margin="0.08,0.03") + ";",
         "  edge " + _attrs(fontname=FONT, fontsize=8, arrowsize="0.6", color="#4D4D4D") + ";",
@@ -188,11 +189,14 @@ def plan_to_dot(plan: "Plan") -> str:
     for q, i in slot_no.items():
         out.append(f"  slot{i} " + _attrs(label=f"slot {names[q]}", shape="cylinder", style="filled",
                                           fillcolor=SLOT_FILL, fontsize=8, height="0.3") + ";")
+    if slot_no:
+        # all slots in the last column: writes flow right into them, carried reads loop back
+        out.append("  { rank=sink; " + " ".join(f"slot{i};" for i in slot_no.values()) + " }")
     for view in views:
         for oid, i in view.slot_writes:
             out.append(f"  {oid} -> slot{i} " + _attrs(style="dashed", color=CARRIED) + ";")
         for i, oid in view.slot_reads:
-            # the read happens on a later step: keep it out of the ranking so phases stay left-to-right
+            # the read happens on a later step: keep it out of the ranking
             out.append(f"  slot{i} -> {oid} " + _attrs(style="dashed", color=CARRIED, constraint="false")
                        + ";")
     out.append("  subgraph cluster_legend {")
@@ -203,6 +207,9 @@ def plan_to_dot(plan: "Plan") -> str:
     for lid, text, col, style in legend:
         out.append(f"    {lid} " + _attrs(label=text, shape="box", style=style, fillcolor=col, fontsize=8,
                                           height="0.22") + ";")
+    if slot_no:
+        out.append("    legend_carried " + _attrs(label="- - -  carried state", shape="plaintext", fontsize=8,
+                                                  fontcolor=CARRIED, height="0.2") + ";")
     out.append("  }")
     out.append("}")
     return "\n".join(out) + "\n"
@@ -229,35 +236,49 @@ def render(plan: "Plan", path: str | Path | None = None, format: str | None = No
         return src
     dot = shutil.which("dot")
     if dot is not None:
-        res = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=src.encode("utf-8"), capture_output=True)
+        res = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=src.encode("utf-8"),
+                             capture_output=True)
         if res.returncode != 0:
             err = res.stderr.decode("utf-8", "replace").strip()
-            raise RuntimeError(f"graphviz `dot -T{fmt}` failed (exit {res.returncode}) drawing {str(path)!r}:\n{err}")
+            raise RuntimeError(
+                f"graphviz `dot -T{fmt}` failed (exit {res.returncode}) drawing {str(path)!r}:\n{err}"
+            )
         return src
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise RuntimeError(
             f"cannot draw {str(path)!r}: neither Graphviz nor matplotlib is installed; install graphviz "
-            "(`apt-get install graphviz`, or `brew install graphviz`) or matplotlib (`pip install matplotlib`), "
+            "(`apt-get install graphviz`, or `brew install graphviz`) "
+            "or matplotlib (`pip install matplotlib`), "
             "or write the DOT source with a .dot path"
         ) from None
     _draw_matplotlib(plan, path, fmt)
     return src
 
 
-def _layers(view: _PhaseView) -> tuple[dict[str, int], list[list[str]], list[tuple[str, str, bool]]]:
-    """Layered left-to-right layout of one phase (slots drawn as a read node on the left, a write node
-    on the right): node id -> layer, the ordered layers, and the edges ``(a, b, carried)``."""
+@dataclass
+class _Layout:
+    layer: dict[str, int]  # node id -> column (dummy ids start with "~")
+    rows: list[list[str]]  # the columns, each ordered top to bottom
+    edges: list[tuple[list[str], bool]]  # (path of node ids, dummies in between; carried)
+
+
+def _layout(view: _PhaseView) -> _Layout:
+    """A small Sugiyama-style layered layout of one phase, left to right.
+
+    Slots are drawn inside the phase as a read node (left of the reader) and a write node (right of the
+    writer). Long edges run through dummy nodes so that they do not cross the boxes they pass.
+    """
     import networkx as nx
 
     g = nx.DiGraph()
     for n in view.nodes:
         g.add_node(n.id)
-    edges = [(a, b, False) for a, b in view.edges]
-    edges += [(f"s{i}_in", oid, True) for i, oid in view.slot_reads]
-    edges += [(oid, f"s{i}_out", True) for oid, i in view.slot_writes]
-    for a, b, _ in edges:
+    raw = [(a, b, False) for a, b in view.edges]
+    raw += [(f"s{i}_in", oid, True) for i, oid in view.slot_reads]
+    raw += [(oid, f"s{i}_out", True) for oid, i in view.slot_writes]
+    for a, b, _ in raw:
         g.add_edge(a, b)
     layer: dict[str, int] = {}
     for k, gen in enumerate(nx.topological_generations(g)):
@@ -269,30 +290,47 @@ def _layers(view: _PhaseView) -> tuple[dict[str, int], list[list[str]], list[tup
             layer[n] = min(layer[s] for s in g.successors(n)) - 1
     used = sorted(set(layer.values()))
     layer = {n: used.index(k) for n, k in layer.items()}  # drop emptied columns
-    order = {n: i for i, n in enumerate(sorted(g.nodes, key=lambda n: (layer[n], _seq(view, n))))}
-    depth = len(used) or 1
+    seq = {n.id: i for i, n in enumerate(view.nodes)}
+    nodes = sorted(g.nodes, key=lambda n: (layer[n], seq.get(n, len(seq)), n))
+    # split long edges with dummies
+    h = nx.DiGraph()
+    h.add_nodes_from(nodes)
+    edges = []
+    for e, (a, b, carried) in enumerate(raw):
+        path = [a] + [f"~{e}_{k}" for k in range(layer[a] + 1, layer[b])] + [b]
+        for k, d in enumerate(path[1:-1]):
+            layer[d] = layer[a] + 1 + k
+        nx.add_path(h, path)
+        edges.append((path, carried))
+    depth = max(layer.values(), default=0) + 1
     rows: list[list[str]] = [[] for _ in range(depth)]
-    for n in sorted(g.nodes, key=order.__getitem__):
+    for n in h.nodes:  # insertion order: real nodes in schedule order, then dummies edge by edge
         rows[layer[n]].append(n)
-    # a few barycentre sweeps to cut crossings
-    for sweep in range(4):
+
+    def crossings() -> int:
+        pos = {n: i for row in rows for i, n in enumerate(row)}
+        total = 0
+        for k in range(depth - 1):
+            es = [(pos[a], pos[b]) for a in rows[k] for b in h.successors(a)]
+            total += sum(1 for i, (a1, b1) in enumerate(es) for a2, b2 in es[i + 1:]
+                         if (a1 - a2) * (b1 - b2) < 0)
+        return total
+
+    best, best_rows = crossings(), [list(r) for r in rows]
+    for sweep in range(12):  # barycentre sweeps, keeping the best ordering seen
         forward = sweep % 2 == 0
-        rng = range(1, depth) if forward else range(depth - 2, -1, -1)
-        for k in rng:
+        for k in (range(1, depth) if forward else range(depth - 2, -1, -1)):
             pos = {n: i for row in rows for i, n in enumerate(row)}
+
             def bary(n: str) -> float:
-                nbrs = list(g.predecessors(n)) if forward else list(g.successors(n))
-                nbrs = [m for m in nbrs if layer[m] != k]
+                nbrs = list(h.predecessors(n)) if forward else list(h.successors(n))
                 return sum(pos[m] for m in nbrs) / len(nbrs) if nbrs else pos[n]
+
             rows[k].sort(key=lambda n: (bary(n), pos[n]))
-    return layer, rows, edges
-
-
-def _seq(view: _PhaseView, nid: str) -> int:
-    for i, n in enumerate(view.nodes):
-        if n.id == nid:
-            return i
-    return len(view.nodes)
+        c = crossings()
+        if c < best:
+            best, best_rows = c, [list(r) for r in rows]
+    return _Layout(layer, best_rows, edges)
 
 
 def _draw_matplotlib(plan: "Plan", path: Path, fmt: str) -> None:
@@ -303,14 +341,14 @@ def _draw_matplotlib(plan: "Plan", path: Path, fmt: str) -> None:
     views, slot_no, colors = _views(plan)
     names = plan.names
     slot_label = {i: f"slot {names[q]}" for q, i in slot_no.items()}
-    layouts = [_layers(v) for v in views]
+    layouts = [_layout(v) for v in views]
     fontsize = 7
     labels_len = [len(line) for v in views for n in v.nodes for line in n.label.split("\n")]
-    labels_len += [len(s) for s in slot_label.values()]
-    dx = max(1.25, 0.068 * max(labels_len, default=10) + 0.45)  # inches between layers
-    dy = 0.5  # inches between rows
-    depth = max((len(rows) for _, rows, _ in layouts), default=1)
-    heights = [max((len(r) for r in rows), default=1) for _, rows, _ in layouts]
+    labels_len += [len(s) + 8 for s in slot_label.values()]
+    dx = max(1.1, 0.058 * max(labels_len, default=10) + 0.35)  # inches between columns
+    dy = 0.42  # inches between rows
+    depth = max((len(lo.rows) for lo in layouts), default=1)
+    heights = [max((len(r) for r in lo.rows), default=1) for lo in layouts]
     width = max(4.0, depth * dx + 0.4)
     total = sum(h * dy + 0.55 for h in heights) + 0.6
     fig = Figure(figsize=(width, total))
@@ -319,12 +357,12 @@ def _draw_matplotlib(plan: "Plan", path: Path, fmt: str) -> None:
         fig.savefig(path, format=fmt)
         return
     axes = fig.subplots(len(views), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
-    for ax, view, (layer, rows, edges) in zip(axes, views, layouts):
+    for ax, view, lo in zip(axes, views, layouts):
         ax.set_axis_off()
-        ax.set_title(view.title, loc="left", fontsize=fontsize + 1.5, fontfamily="sans-serif")
-        nmax = max(len(r) for r in rows)
+        ax.set_title(view.title, loc="left", fontsize=fontsize + 1.5)
+        nmax = max(len(r) for r in lo.rows)
         xy = {}
-        for k, row in enumerate(rows):
+        for k, row in enumerate(lo.rows):
             off = (nmax - len(row)) / 2
             for i, n in enumerate(row):
                 xy[n] = (k * dx, -(i + off) * dy)
@@ -333,6 +371,8 @@ def _draw_matplotlib(plan: "Plan", path: Path, fmt: str) -> None:
         by_id = {n.id: n for n in view.nodes}
         artists = {}
         for nid, (x, y) in xy.items():
+            if nid.startswith("~"):
+                continue
             node = by_id.get(nid)
             kw: dict[str, Any] = dict(ha="center", va="center", fontsize=fontsize, zorder=3)
             if node is None:  # slot read (left) or write (right)
@@ -346,27 +386,32 @@ def _draw_matplotlib(plan: "Plan", path: Path, fmt: str) -> None:
                                   ec=PROVIDER_LINE if provider else "#333333", lw=0.8)
             elif node.kind == "value":
                 text = node.label
-                kw["bbox"] = dict(boxstyle="round,pad=0.25,rounding_size=0.6", fc="white", ec="#999999", lw=0.6)
+                kw["bbox"] = dict(boxstyle="round,pad=0.25,rounding_size=0.6", fc="white", ec="#999999",
+                                  lw=0.6)
             else:
                 text = node.label
                 kw.update(color="#4D4D4D", style="italic")
                 kw["bbox"] = dict(boxstyle="square,pad=0.15", fc="white", ec="none")
             artists[nid] = ax.text(x, y, text, **kw)
-        for a, b, carried in edges:
-            same_row = abs(xy[a][1] - xy[b][1]) < 1e-9
-            span = layer[b] - layer[a]
-            rad = 0.0 if span <= 1 else (0.25 if same_row else 0.12)
-            ax.annotate(
-                "", xy=(0, 0.5), xycoords=artists[b], xytext=(1, 0.5), textcoords=artists[a], zorder=1,
-                arrowprops=dict(arrowstyle="-|>", mutation_scale=7, lw=0.7, shrinkA=4, shrinkB=4,
-                                color=CARRIED if carried else "#4D4D4D", ls="--" if carried else "-",
-                                connectionstyle=f"arc3,rad={rad}"),
-            )
+        for chain, carried in lo.edges:
+            color = CARRIED if carried else "#4D4D4D"
+            ls = "--" if carried else "-"
+            a, b = chain[0], chain[-1]
+            mids = [xy[d] for d in chain[1:-1]]
+            line = dict(color=color, ls=ls, lw=0.7)
+            start: Any = ((1, 0.5), artists[a])
+            for p in mids:  # plain segments up to the last dummy
+                ax.annotate("", xy=p, xycoords="data", xytext=start[0], textcoords=start[1], zorder=1,
+                            arrowprops=dict(arrowstyle="-", shrinkA=4, shrinkB=0, **line))
+                start = (p, "data")
+            ax.annotate("", xy=(0, 0.5), xycoords=artists[b], xytext=start[0], textcoords=start[1], zorder=1,
+                        arrowprops=dict(arrowstyle="-|>", mutation_scale=7, shrinkA=0 if mids else 4,
+                                        shrinkB=4, **line))
     handles = [Patch(fc=PROVIDER_FILL, ec=PROVIDER_LINE, label="provider")]
     handles += [Patch(fc=col, ec="#333333", label=c) for c, col in colors.items()]
     handles += [Line2D([], [], color=CARRIED, ls="--", lw=0.8, label="carried (slot)")]
     fig.suptitle(_head(plan), fontsize=fontsize + 3, x=0.01, ha="left")
-    fig.legend(handles=handles, loc="upper right", fontsize=fontsize, ncol=min(len(handles), 6), frameon=False,
-               title="module cadence", title_fontsize=fontsize)
+    fig.legend(handles=handles, loc="upper right", fontsize=fontsize, ncol=min(len(handles), 6),
+               frameon=False, title="module cadence", title_fontsize=fontsize)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / total))
-    fig.savefig(path, format=fmt, dpi=150)
+    fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight", pad_inches=0.15)

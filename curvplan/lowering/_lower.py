@@ -238,28 +238,33 @@ class LoweredPlan:
         def run(inputs, mstate):
             c = Context(ctx.step, ctx.rng, ctx.params, ctx.batch, ctx.objective, ctx.module)
             outs, new_state = m.apply(inputs, mstate, c)
-            missing = [x.name for x in op.outputs if x not in outs]
+            declared = dict(zip(m.outputs(), m.produces()))  # tagged -> as the module names it
+            missing = [x.name for x in op.outputs if declared[x] not in outs]
             if missing:
                 raise LoweringError(f"module `{op.name}` did not return {missing}", where=f"module `{op.name}`")
-            return {x: outs[x] for x in op.outputs}, new_state, self._module_info(m, c.info)
+            return {x: outs[declared[x]] for x in op.outputs}, new_state, self._module_info(m, c.info)
 
         if op.guard is None:
             return run(inputs, mstate)
+        try:
+            shapes = jax.eval_shape(lambda: run(inputs, mstate))
+        except TypeError:
+            # outputs that are not arrays (operators) cannot leave a lax.cond: they are trace-time closures
+            # whose cost is paid by their consumers, which are guarded themselves.
+            return run(inputs, mstate)
         active = jnp.asarray(self.run_table[op.name])[self._reduce(step)]
-        shapes = jax.eval_shape(run, inputs, mstate)
 
-        def skip(inputs, mstate):
+        def skip():
             outs = {}
             for x in op.outputs:
                 if x in op.writes:
                     outs[x] = slots[self.plan.names[x]]
                 else:
                     outs[x] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][x])
-            info = jax.tree.map(lambda s: jnp.asarray(jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else
-                                                      (False if s.dtype == jnp.bool_ else -1), s.dtype), shapes[2])
+            info = {k: jnp.asarray(_INFO_DEFAULTS[dt], _INFO_DTYPES[dt]) for k, dt in m.info_fields}
             return outs, mstate, info
 
-        return jax.lax.cond(active, run, skip, inputs, mstate)
+        return jax.lax.cond(active, lambda: run(inputs, mstate), skip)
 
     def _module_info(self, m: Module, reported: dict[str, Any]) -> dict[str, Any]:
         declared = dict(m.info_fields)
@@ -276,6 +281,8 @@ class LoweredPlan:
         from curvplan.ir import quantities as qs
 
         loss = env.get(qs.loss())
+        if loss is None:  # unplanned baseline: every module has its own (equal) copy
+            loss = next((v for k, v in sorted(env.items(), key=lambda kv: kv[0].sort_key) if k.kind == "loss"), None)
         fields = {
             "loss": jnp.asarray(jnp.nan if loss is None else loss, jnp.float32),
             "update_norm": tree_norm(updates).astype(jnp.float32),

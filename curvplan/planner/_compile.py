@@ -450,13 +450,13 @@ def _build_phases(mods, producers, run, prefix, period, given):
                 continue
             m = mods[ref]
             reads = []
-            for q, fr in m.uses():
+            for (d, _), (q, fr) in zip(m.consumes(), m.uses()):
                 if producers[q] == INPUT:
-                    reads.append(Read(q, "input", q))
+                    reads.append(Read(d, "input", q))
                 elif fr == "fresh" or (ref, q) in reads_fresh:
-                    reads.append(Read(q, "fresh", q))
+                    reads.append(Read(d, "fresh", q))
                 else:
-                    reads.append(Read(q, "slot", q))
+                    reads.append(Read(d, "slot", q))
                     slots.add(q)
             writes = {q for q in m.outputs() if q in carried_read}
             slots.update(writes)
@@ -512,15 +512,15 @@ def _build_unplanned(mods, producers, run, prefix, period, given):
         lbl = node.split(":", 1)[1]
         m = mods[lbl]
         reads = []
-        for q, fr in m.uses():
+        for (d, _), (q, fr) in zip(m.consumes(), m.uses()):
             if producers[q] == INPUT:
-                reads.append(Read(q, "input", q))
+                reads.append(Read(d, "input", q))
             elif q in private[lbl]:
-                reads.append(Read(q, "fresh", private[lbl][q]))
+                reads.append(Read(d, "fresh", private[lbl][q]))
             elif fr == "fresh" or (lbl, q) in reads_fresh:
-                reads.append(Read(q, "fresh", q))
+                reads.append(Read(d, "fresh", q))
             else:
-                reads.append(Read(q, "slot", q))
+                reads.append(Read(d, "slot", q))
                 slots.add(q)
         writes = {q for q in m.outputs() if q in carried_read}
         slots.update(writes)

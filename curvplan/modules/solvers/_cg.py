@@ -84,7 +84,9 @@ def conjugate_gradient(
     init = (x, r, z, z, rz, jnp.zeros((), jnp.int32), jnp.asarray(False))
     x, r, _, _, _, k, neg = jax.lax.while_loop(cond, body, init)
     x_is_zero = tree_vdot(x, x) == 0
-    x = jax.tree.map(lambda xi, bi: jnp.where(neg & x_is_zero, bi, xi), x, b)
+    # first-iteration negative curvature: fall back to b; a non-finite b propagates (so guards see it)
+    use_b = (neg & x_is_zero) | ~jnp.isfinite(bb)
+    x = jax.tree.map(lambda xi, bi: jnp.where(use_b, bi, xi), x, b)
     rr = tree_vdot(r, r)
     rel = jnp.sqrt(rr / jnp.maximum(bb, tiny))
     return CGResult(x, k, rel, rr <= bound, neg)
