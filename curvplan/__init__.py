@@ -1,4 +1,12 @@
-"""curvplan: plan, share and schedule the work of curvature- and geometry-aware optimizers in JAX."""
+"""curvplan: plan, share and schedule the work of curvature- and geometry-aware optimizers in JAX.
+
+>>> import curvplan as cp
+>>> plan = cp.compile_plan(cp.presets.newton_cg(), name="newton")
+>>> plan.phases[0].providers
+('linearize_grad',)
+"""
+
+import importlib
 
 from curvplan.ir import (
     Cadence,
@@ -16,8 +24,32 @@ from curvplan.planner import Plan, compile_plan
 
 __version__ = "0.1.0"
 
-# The JAX half (lowering, runtime, modules). `curvplan.ir` / `curvplan.planner` never import it.
-from curvplan import modules  # noqa: E402
-from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan  # noqa: E402
-from curvplan.modules import presets  # noqa: E402
-from curvplan.runtime import Optimizer, as_optax, restore, save  # noqa: E402
+# The JAX half loads on first use, so that planning, printing and diffing never import JAX.
+_LAZY = {
+    "modules": ("curvplan.modules", None),
+    "presets": ("curvplan.modules.presets", None),
+    "lowering": ("curvplan.lowering", None),
+    "runtime": ("curvplan.runtime", None),
+    "Objective": ("curvplan.lowering", "Objective"),
+    "PlanState": ("curvplan.lowering", "PlanState"),
+    "StepInfo": ("curvplan.lowering", "StepInfo"),
+    "lower_plan": ("curvplan.lowering", "lower_plan"),
+    "Optimizer": ("curvplan.runtime", "Optimizer"),
+    "as_optax": ("curvplan.runtime", "as_optax"),
+    "save": ("curvplan.runtime", "save"),
+    "restore": ("curvplan.runtime", "restore"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        value = importlib.import_module(mod)
+        value = getattr(value, attr) if attr else value
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'curvplan' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
