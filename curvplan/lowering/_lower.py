@@ -128,6 +128,9 @@ class LoweredPlan:
             lbl: np.asarray([(mask >> t) & 1 for t in range(window)], dtype=bool) for lbl, mask in plan.run.items()
         }
         self.phase_fns: tuple[Callable, ...] = tuple(self._phase_fn(ph) for ph in plan.phases)
+        self.guard_override: dict[str, bool] | None = None
+        """For cost analysis of the unplanned baseline: module -> take (True) / skip (False) its guard
+        statically instead of ``lax.cond`` (XLA's cost analysis counts a cond's costliest branch)."""
 
     def _all_outputs(self):
         for m in self.plan.modules:
@@ -246,6 +249,9 @@ class LoweredPlan:
 
         if op.guard is None:
             return run(inputs, mstate)
+        forced = self.guard_override.get(op.name) if self.guard_override else None
+        if forced is True:
+            return run(inputs, mstate)
         try:
             shapes = jax.eval_shape(lambda: run(inputs, mstate))
         except TypeError:
@@ -264,6 +270,8 @@ class LoweredPlan:
             info = {k: jnp.asarray(_INFO_DEFAULTS[dt], _INFO_DTYPES[dt]) for k, dt in m.info_fields}
             return outs, mstate, info
 
+        if forced is False:
+            return skip()
         return jax.lax.cond(active, lambda: run(inputs, mstate), skip)
 
     def _module_info(self, m: Module, reported: dict[str, Any]) -> dict[str, Any]:
