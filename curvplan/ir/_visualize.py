@@ -14,13 +14,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, format_attrs
 
-if TYPE_CHECKING:  # pragma: no cover
-    from curvplan.planner._plan import Plan
+Plan = Any  # duck-typed: curvplan.planner.Plan (ir must not import the planner)
 
 FORMATS = ("svg", "png", "dot")
 

@@ -39,12 +39,12 @@ class Objective:
     (needed for Gauss-Newton methods, which linearize the model outputs):
 
     - ``Objective(loss_fn=f)``: ``f(params, batch) -> scalar``.
-    - ``Objective(model_fn=g, loss="ce")``: ``g(params, inputs) -> outputs`` and ``batch = (inputs, targets)``;
+    - ``Objective(model_fn=g, loss_kind="ce")``: ``g(params, inputs) -> outputs`` and ``batch = (inputs, targets)``;
       ``"mse"`` is ½·mean_b‖F_b − y_b‖², ``"ce"`` is mean softmax cross-entropy with integer labels.
 
     Examples:
         >>> import jax.numpy as jnp
-        >>> obj = Objective(model_fn=lambda w, x: x @ w, loss="mse")
+        >>> obj = Objective(model_fn=lambda w, x: x @ w, loss_kind="mse")
         >>> float(obj.loss(jnp.ones(2), (jnp.eye(2), jnp.zeros(2))))
         0.5
     """

@@ -72,8 +72,8 @@ def compile_plan(
         >>> print(plan)
         plan sgd: 1 phase, period 1
         phase 0 @every(1) [value_and_grad]
-          %loss, %grad = value_and_grad(params, batch)
-          %update      = toy:sgd(%grad; carry=(), makes=(update), reads=(grad))
+          %grad, %loss = value_and_grad(params, batch)
+          %update      = toy:sgd(%grad)
         state: step
     """
     given = tuple(sorted(set(given)))
