@@ -37,8 +37,18 @@ KNOWN_BUGS = {
 }
 
 
+# Found by hypothesis only on some draws: xfail without strict (an XPASS is reported, not hidden).
+KNOWN_BUGS_SOMETIMES = {
+    "tests/planner/test_properties.py::test_phase_headers_and_effective_cadences_describe_their_steps":
+        "describe_steps is inexact for some patterns (see test_cadence.py)",
+}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         reason = KNOWN_BUGS.get(item.nodeid)
         if reason:
             item.add_marker(pytest.mark.xfail(strict=True, reason="known bug: " + reason))
+        reason = KNOWN_BUGS_SOMETIMES.get(item.nodeid)
+        if reason:
+            item.add_marker(pytest.mark.xfail(strict=False, reason="known bug: " + reason))
