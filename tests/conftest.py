@@ -41,6 +41,8 @@ KNOWN_BUGS = {
 KNOWN_BUGS_SOMETIMES = {
     "tests/planner/test_properties.py::test_phase_headers_and_effective_cadences_describe_their_steps":
         "describe_steps is inexact for some patterns (see test_cadence.py)",
+    "tests/planner/test_properties.py::test_unplanned_baseline_reads_the_same_values":
+        "carried read resolution (fresh vs slot) can differ between the plan and its baseline",
 }
 
 
