@@ -266,7 +266,8 @@ def test_stabilise_every_gives_same_solution(every):
     for res in (plain, stab):
         assert np.linalg.norm(b - A @ np.asarray(res.x)) / np.linalg.norm(b) <= 1e-9
         assert rel_err(res.x, ref) <= 10 * 1e-9
-    np.testing.assert_allclose(np.asarray(stab.x), np.asarray(plain.x), rtol=0, atol=1e-7 * np.linalg.norm(ref))
+    np.testing.assert_allclose(np.asarray(stab.x), np.asarray(plain.x), rtol=0,
+                               atol=1e-7 * np.linalg.norm(ref))
     if every == 1:
         # Restarting every iteration is steepest descent: far slower than CG on this system.
         assert int(stab.iterations) > int(plain.iterations)

@@ -197,7 +197,8 @@ def test_hutchinson_on_pytree_params():
     S = 4000
     key = jax.random.key(7)
     mod = HutchinsonDiag(probes=S)
-    ctx = Context(step=jnp.zeros((), jnp.int32), rng=key, params=params, batch=None, objective=None, module="h")
+    ctx = Context(step=jnp.zeros((), jnp.int32), rng=key, params=params, batch=None, objective=None,
+                  module="h")
     op = LinearOperator(lambda v: unravel(Aj @ ravel_pytree(v)[0]))
     out, _ = mod.apply({curv_op(): op, q.rng(): key}, (), ctx)
     (d,) = out.values()
