@@ -31,8 +31,8 @@ def composition(n_modules: int = 50) -> list[Toy]:
         block = [
             Toy(name=f"est{i}", reads=ESTIMATOR_READS[i % len(ESTIMATOR_READS)], makes=(f"diag.b{i}",),
                 attrs=(("probes", 1 + i % 2),)),
-            Toy(name=f"ema{i}", reads=(f"diag.b{i}",), makes=(f"v{i}",), stateful=True, every=every, start=start,
-                attrs=(("beta", 0.99),)),
+            Toy(name=f"ema{i}", reads=(f"diag.b{i}",), makes=(f"v{i}",), stateful=True, every=every,
+                start=start, attrs=(("beta", 0.99),)),
             Toy(name=f"dir{i}", reads=("grad", f"v{i}"), carry=(f"v{i}",), makes=(f"direction.b{i}",),
                 stateful=True, attrs=(("eps", 1e-8),)),
             Toy(name=f"tele{i}", reads=("loss", f"direction.b{i}"), makes=(f"stat.b{i}",), is_sink=True,

@@ -83,8 +83,8 @@ def _rewrite_literal(path: str, orig_line: int, actual: str) -> None:
     node = _find_expected_literal(ast.parse(source, path), line)
     if node is None:
         raise AssertionError(
-            f"{ACCEPT_ENV}=1: could not find an `assert_plan_text(plan, '''...''')` call with a string literal "
-            f"as its expected text at {path}:{line}; update it by hand"
+            f"{ACCEPT_ENV}=1: found no `assert_plan_text(plan, '''...''')` call with a string literal as "
+            f"its expected text at {path}:{line}; update it by hand"
         )
     lines = source.splitlines(keepends=True)
     call_line = lines[node.lineno - 1]

@@ -34,11 +34,6 @@ KNOWN_BUGS = {
         "carried edges are added in name order, so names decide which read becomes a slot read",
     "tests/planner/test_properties.py::test_renaming_modules_changes_nothing_but_names":
         "carried edges are added in name order, so names decide which read becomes a slot read",
-}
-
-
-# Found by hypothesis only on some draws: xfail without strict (an XPASS is reported, not hidden).
-KNOWN_BUGS_SOMETIMES = {
     "tests/planner/test_properties.py::test_phase_headers_and_effective_cadences_describe_their_steps":
         "describe_steps is inexact for some patterns (see test_cadence.py)",
     "tests/planner/test_properties.py::test_unplanned_baseline_reads_the_same_values":
@@ -51,6 +46,4 @@ def pytest_collection_modifyitems(config, items):
         reason = KNOWN_BUGS.get(item.nodeid)
         if reason:
             item.add_marker(pytest.mark.xfail(strict=True, reason="known bug: " + reason))
-        reason = KNOWN_BUGS_SOMETIMES.get(item.nodeid)
-        if reason:
-            item.add_marker(pytest.mark.xfail(strict=False, reason="known bug: " + reason))
+

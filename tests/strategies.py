@@ -1,10 +1,10 @@
 """Hypothesis strategies for random valid compositions of `Toy` modules, and a brute-force reference.
 
-`compositions()` draws a list of `Toy` modules whose fresh reads form a DAG over quantity names: a module reads
-provider quantities, the input ``rng``, and quantities made by earlier modules (fresh or carried); now and then
-it also reads carried a quantity made by itself or a later module (a feedback edge, which is legal because it
-is carried). Exactly one module makes ``update``. Some modules get explicit cadences; cadences that would make
-`compile_plan` raise `CadenceError` are dropped by `repair_cadences`, which uses the reference semantics below.
+`compositions()` draws a list of `Toy` modules whose fresh reads form a DAG over quantity names: a module
+reads provider quantities, the input ``rng``, and quantities made by earlier modules (fresh or carried); now
+and then it also reads carried a quantity made by itself or a later module (a feedback edge, legal because it
+is carried). Exactly one module makes ``update``. Some modules get explicit cadences; cadences that would
+make `compile_plan` raise `CadenceError` are dropped by `repair_cadences` (using the reference semantics).
 
 `reference_running` is an independent, per-step implementation of the planner's cadence propagation and
 liveness rules (DESIGN.md §4), written from the module declarations only:

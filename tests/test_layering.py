@@ -25,7 +25,7 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in the file, including dynamic `importlib` / `__import__`."""
+    """(line, absolute module name) of every import in the file, dynamic ones (`import_module`) included."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]

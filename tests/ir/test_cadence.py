@@ -197,7 +197,10 @@ def step_patterns(draw) -> tuple[int, int, int]:
 
 def pattern_steps(mask: int, prefix: int, period: int, n: int) -> list[int]:
     """The steps of the infinite pattern below ``n``."""
-    return [t for t in range(n) if (mask >> (t if t < prefix + period else prefix + (t - prefix) % period)) & 1]
+    def rep(t: int) -> int:
+        return t if t < prefix + period else prefix + (t - prefix) % period
+
+    return [t for t in range(n) if (mask >> rep(t)) & 1]
 
 
 @settings(max_examples=400, deadline=None)
@@ -208,7 +211,8 @@ def test_describe_steps_is_exact(pattern):
     assert terms is not None
     n = prefix + 6 * period
     got = [t for t in range(n) if any(c.active(t) for c in terms)]
-    assert got == pattern_steps(mask, prefix, period, n), f"{terms} for {bin(mask)} (prefix {prefix}, period {period})"
+    want = pattern_steps(mask, prefix, period, n)
+    assert got == want, f"{terms} for {bin(mask)} (prefix {prefix}, period {period})"
 
 
 @settings(max_examples=200, deadline=None)
@@ -219,7 +223,8 @@ def test_describe_steps_with_few_terms_is_exact_or_none(pattern):
     if terms is not None:
         assert len(terms) <= 3
         n = prefix + 6 * period
-        assert [t for t in range(n) if any(c.active(t) for c in terms)] == pattern_steps(mask, prefix, period, n)
+        got = [t for t in range(n) if any(c.active(t) for c in terms)]
+        assert got == pattern_steps(mask, prefix, period, n)
 
 
 @settings(max_examples=200, deadline=None)
@@ -245,7 +250,8 @@ def test_describe_steps_keeps_periodic_steps_after_a_finite_run():
     mask = sum(1 << t for t in (0, 1, 2, 3, 5))
     terms = describe_steps(mask, 3, 2)
     assert terms is not None
-    assert [t for t in range(20) if any(c.active(t) for c in terms)] == [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19], terms
+    got = [t for t in range(20) if any(c.active(t) for c in terms)]
+    assert got == [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19], terms
 
 
 def test_describe_steps_finds_strided_finite_runs():

@@ -56,12 +56,14 @@ def test_attributes_cannot_be_deleted():
 
 
 def test_numerically_equal_attributes_of_other_types_print_as_given():
-    """``1``, ``1.0`` and ``True`` compare equal in Python; the cached quantity must not depend on which came first."""
+    """``1``, ``1.0`` and ``True`` compare equal in Python; the cached quantity must not depend on which one
+    was built first."""
     first = Quantity("hash_cons_types", None, {"beta": 1})
     later = Quantity("hash_cons_types", None, {"beta": 1.0})
     assert repr(first) == "hash_cons_types[beta=1]"
     assert repr(later) == "hash_cons_types[beta=1.0]", "the printed form depends on construction history"
-    assert Quantity("hash_cons_bool", None, {"flag": 1}) is not Quantity("hash_cons_bool", None, {"flag": True})
+    one = Quantity("hash_cons_bool", None, {"flag": 1})
+    assert Quantity("hash_cons_bool", None, {"flag": True}) is not one
 
 
 @pytest.mark.parametrize(
@@ -72,10 +74,12 @@ def test_numerically_equal_attributes_of_other_types_print_as_given():
         (q.grad("matrices"), "%grad[matrices]", "grad@matrices"),
         (q.hvp_op("hessian"), "%hvp_op.hessian", "hvp_op[hessian]"),
         (q.ggn_op("ce"), "%ggn_op.ce", "ggn_op[ce]"),
-        (q.diag("hessian", est="hutchinson", probes=1), "%diag.hessian", "diag[hessian; est=hutchinson, probes=1]"),
+        (q.diag("hessian", est="hutchinson", probes=1), "%diag.hessian",
+         "diag[hessian; est=hutchinson, probes=1]"),
         (q.kron("grad_gram"), "%kron.grad_gram", "kron[grad_gram]"),
         (q.eigbasis(q.kron("grad_gram")), "%eigbasis.grad_gram", "eigbasis[grad_gram; of=kron]"),
-        (q.direction("newton", scope="matrices"), "%direction.newton[matrices]", "direction[newton]@matrices"),
+        (q.direction("newton", scope="matrices"), "%direction.newton[matrices]",
+         "direction[newton]@matrices"),
         (q.quantity("stat", beta=0.5), "%stat", "stat[beta=0.5]"),
         (q.quantity("x", tag="gnb"), "%x:gnb", "x[tag=gnb]"),
         (q.quantity("x", instance="m"), "%x/m", "x[instance=m]"),
@@ -119,12 +123,16 @@ def test_invalid_attribute_value():
         Quantity("k", None, {"bad": {"nested": 1}})
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.sampled_from([0.5, 1e-3]), st.text("abc", max_size=3))
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.sampled_from([0.5, 1e-3]), st.text("abc", max_size=3)
+)
 quantity_st = st.builds(
     Quantity,
     st.sampled_from(["grad", "diag", "kron", "stat_x"]),
     st.one_of(st.none(), st.sampled_from(["hessian", "ggn"])),
-    st.dictionaries(st.sampled_from(["a", "b", "probes"]), st.one_of(scalars, st.tuples(scalars, scalars)), max_size=3),
+    st.dictionaries(
+        st.sampled_from(["a", "b", "probes"]), st.one_of(scalars, st.tuples(scalars, scalars)), max_size=3
+    ),
     st.sampled_from(["all", "matrices"]),
 )
 
@@ -138,5 +146,7 @@ def test_to_dict_from_dict_round_trip(x):
 
 def test_to_dict_shape():
     d = q.diag("hessian", est="hutchinson", probes=1).to_dict()
-    assert d == {"kind": "diag", "subject": "hessian", "attrs": [["est", "hutchinson"], ["probes", 1]], "scope": "all"}
+    assert d == {
+        "kind": "diag", "subject": "hessian", "attrs": [["est", "hutchinson"], ["probes", 1]], "scope": "all"
+    }
     assert Quantity.from_dict({"kind": "grad"}) is q.grad()

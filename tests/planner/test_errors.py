@@ -76,7 +76,8 @@ def test_cycle():
 
 
 def test_cycle_message_reads_as_one_chain():
-    mods = [Toy(name="a", reads=("grad", "y"), makes=("x",)), Toy(name="b", reads=("x",), makes=("update", "y"))]
+    mods = [Toy(name="a", reads=("grad", "y"), makes=("x",)),
+            Toy(name="b", reads=("x",), makes=("update", "y"))]
     msg = raises(cp.CycleError, mods)
     assert "`a` --%x--> `b` --%y--> `a`" in msg, msg
 

@@ -7,7 +7,7 @@ import os
 
 import networkx as nx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from strategies import compositions, reference_horizon, reference_running
 
@@ -19,6 +19,21 @@ from curvplan.planner import Plan
 # CURVPLAN_PROP_EXAMPLES=5000 for a long bug hunt
 PROPS = settings(max_examples=int(os.environ.get("CURVPLAN_PROP_EXAMPLES", 150)), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
+
+
+# Compositions that exposed bugs: explicit examples of the properties below and regression tests at the end.
+SGD = Toy(name="sgd", reads=("grad",), makes=("update",))
+DEAD_WITH_CADENCE = [SGD, Toy(name="dead", reads=("loss",), makes=("z",), every=3)]  # nothing reads %z
+UNION_PAST_A_STOP = [
+    Toy(name="P", reads=("loss",), makes=("p",)),
+    Toy(name="A", reads=("p",), makes=("update",), stop=3),
+    Toy(name="B", reads=("p",), makes=("z",), is_sink=True, every=2, offset=1),
+]
+CARRIED_TRIANGLE = [  # A -> B -> C -> A, all carried; B runs on even steps
+    Toy(name="A", reads=("grad", "b"), carry=("b",), makes=("a", "update")),
+    Toy(name="B", reads=("loss", "c"), carry=("c",), makes=("b",), every=2),
+    Toy(name="C", reads=("loss", "a"), carry=("a",), makes=("c",)),
+]
 
 
 def labels(plan: Plan) -> dict[frozenset, str]:
@@ -56,6 +71,7 @@ def test_compile_is_deterministic(mods):
 
 @PROPS
 @given(compositions(), st.booleans())
+@example(DEAD_WITH_CADENCE, True)
 def test_to_dict_from_dict_round_trip(mods, optimize):
     plan = cp.compile_plan(mods, optimize=optimize, name="rt")
     assert Plan.from_dict(plan.to_dict()) == plan
@@ -83,7 +99,7 @@ def test_duplicated_modules_add_no_nodes(mods, data):
     assert len(dup.merged) <= len(renamed)
 
 
-# -- fresh reads ----------------------------------------------------------------------------------------------
+# -- fresh reads ---------------------------------------------------------------------------------------------
 @PROPS
 @given(compositions())
 def test_fresh_reads_are_produced_earlier_in_the_same_phase(mods):
@@ -100,7 +116,7 @@ def test_fresh_reads_are_produced_earlier_in_the_same_phase(mods):
                                                     f"from {r.source}, but declared it fresh"
             for r in op.reads:
                 if r.source == "fresh":
-                    assert r.node in produced, f"phase {ph.index}: {op.name} reads {r.node.name} before it exists"
+                    assert r.node in produced, f"phase {ph.index}: {op.name} reads {r.node.name} too early"
             assert not (set(op.outputs) & produced), f"phase {ph.index}: {op.name} recomputes a value"
             produced.update(op.outputs)
 
@@ -137,7 +153,7 @@ def test_each_phase_is_in_topological_order(mods):
         assert list(ph.providers) == [op.name for op in ph.ops if op.role == "provider"]
 
 
-# -- phases against a brute force -----------------------------------------------------------------------------
+# -- phases against a brute force ----------------------------------------------------------------------------
 @PROPS
 @given(compositions())
 def test_phases_match_a_brute_force_propagation(mods):
@@ -149,7 +165,7 @@ def test_phases_match_a_brute_force_propagation(mods):
     seen = set()
     for t in range(prefix + 3 * period):
         ref = frozenset(n for n, r in zip(names, reference_running(mods, t)) if r)
-        assert plan.running(t) == ref, f"step {t}: plan runs {sorted(plan.running(t))}, reference {sorted(ref)}"
+        assert plan.running(t) == ref, f"step {t}: plan {sorted(plan.running(t))}, reference {sorted(ref)}"
         assert plan.phases[plan.phase_of(t)].modules == tuple(sorted(ref)), f"step {t}"
         seen.add(ref)
     assert len(plan.phases) == len(seen)
@@ -157,6 +173,7 @@ def test_phases_match_a_brute_force_propagation(mods):
 
 @PROPS
 @given(compositions())
+@example(UNION_PAST_A_STOP)
 def test_phase_headers_and_effective_cadences_describe_their_steps(mods):
     plan = cp.compile_plan(mods)
     window = plan.prefix + 2 * plan.period
@@ -168,7 +185,7 @@ def test_phase_headers_and_effective_cadences_describe_their_steps(mods):
         assert mask_of(terms, window) == plan.phase_mask(ph.index), f"phase {ph.index}: {terms}"
 
 
-# -- the unplanned baseline ------------------------------------------------------------------------------------
+# -- the unplanned baseline ----------------------------------------------------------------------------------
 @PROPS
 @given(compositions())
 def test_unplanned_baseline_runs_modules_on_the_same_steps(mods):
@@ -185,17 +202,10 @@ def test_unplanned_baseline_runs_modules_on_the_same_steps(mods):
             assert op.guard == (None if every_step else plan.cadence_of(op.name))
 
 
-# -- regressions found by the properties above -------------------------------------------------------------------
-SGD = Toy(name="sgd", reads=("grad",), makes=("update",))
-
-
+# -- regressions found by the properties above ---------------------------------------------------------------
 def test_effective_cadence_of_a_union_that_outlives_a_stop():
     """`P` feeds `A` (@until(3)) and `B` (@every(2,+1)): it runs on 0, 1, 2, 3, 5, 7, ... not @until(4)."""
-    mods = [
-        Toy(name="P", reads=("loss",), makes=("p",)),
-        Toy(name="A", reads=("p",), makes=("update",), stop=3),
-        Toy(name="B", reads=("p",), makes=("z",), is_sink=True, every=2, offset=1),
-    ]
+    mods = UNION_PAST_A_STOP
     plan = cp.compile_plan(mods)
     assert [t for t in range(12) if plan.runs("P", t)] == [0, 1, 2, 3, 5, 7, 9, 11]
     terms = describe_steps(plan.run["P"], plan.prefix, plan.period)
@@ -207,8 +217,7 @@ def test_effective_cadence_of_a_union_that_outlives_a_stop():
 
 
 def test_removed_modules_do_not_change_the_period():
-    dead = Toy(name="dead", reads=("loss",), makes=("z",), every=3)  # nothing reads %z: removed
-    plan = cp.compile_plan([SGD, dead])
+    plan = cp.compile_plan(DEAD_WITH_CADENCE)
     assert plan.removed == ("dead",)
     assert plan == cp.compile_plan([SGD])
 
@@ -240,38 +249,41 @@ def test_a_removed_carried_reader_does_not_keep_its_producer():
 
 @pytest.mark.parametrize("optimize", [True, False])
 def test_round_trip_with_removed_modules(optimize):
-    dead = Toy(name="dead", reads=("loss",), makes=("z",), every=3)
-    plan = cp.compile_plan([SGD, dead], optimize=optimize)
+    plan = cp.compile_plan(DEAD_WITH_CADENCE, optimize=optimize)
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
-# -- names and the baseline must not change what a carried read sees ---------------------------------------------
-def read_view(plan: Plan, t: int) -> frozenset:
-    """What each running module reads at step ``t``: (its outputs, quantity, new value this step or not)."""
-    ph = plan.phases[plan.phase_of(t)]
-    out = set()
-    for op in ph.ops:
-        if op.role == "module":
-            outs = frozenset(plan.module(op.name).outputs())
-            for r in op.reads:
-                if r.source != "input":
-                    out.add((outs, r.quantity, r.source == "fresh"))
-    return frozenset(out)
+# -- names and the baseline must not change what a carried read sees -----------------------------------------
+def phase_views(plan: Plan) -> list[frozenset]:
+    """Per phase, what each running module reads: (its outputs, quantity, new value this step or not)."""
+    outputs = {m.label: frozenset(m.outputs()) for m in plan.modules}
+    return [
+        frozenset((outputs[op.name], r.quantity, r.source == "fresh")
+                  for op in ph.ops if op.role == "module" for r in op.reads if r.source != "input")
+        for ph in plan.phases
+    ]
+
+
+def read_view(plan: Plan, t: int, views: list[frozenset] | None = None) -> frozenset:
+    """What each running module reads at step ``t`` (see `phase_views`)."""
+    return (views or phase_views(plan))[plan.phase_of(t)]
 
 
 @PROPS
-@given(compositions(), st.data())
-def test_renaming_modules_changes_nothing_but_names(mods, data):
-    names = data.draw(st.permutations([f"n{i}" for i in range(len(mods))]))
-    renamed = [m.model_copy(update={"name": n}) for m, n in zip(mods, names)]
+@given(compositions(), st.permutations(range(12)))
+@example(CARRIED_TRIANGLE, [2, 1, 0, *range(3, 12)])
+def test_renaming_modules_changes_nothing_but_names(mods, perm):
+    renamed = [m.model_copy(update={"name": f"n{perm[i]:02d}"}) for i, m in enumerate(mods)]
     a, b = cp.compile_plan(mods), cp.compile_plan(renamed)
     assert (a.prefix, a.period, len(a.phases)) == (b.prefix, b.period, len(b.phases))
-    for t in range(a.prefix + 2 * a.period):
-        assert read_view(a, t) == read_view(b, t), f"step {t}"
+    va, vb = phase_views(a), phase_views(b)
+    for t in range(a.prefix + a.period):
+        assert read_view(a, t, va) == read_view(b, t, vb), f"step {t}"
 
 
 @PROPS
 @given(compositions())
+@example(CARRIED_TRIANGLE)
 def test_unplanned_baseline_reads_the_same_values(mods):
     """At every step, each carried read sees the new value in the baseline iff it does in the plan."""
     plan = cp.compile_plan(mods)
@@ -290,22 +302,17 @@ def test_unplanned_baseline_reads_the_same_values(mods):
                     continue
                 new_in_plan = r.source == "fresh"
                 new_in_base = br.source == "fresh" and plan.runs(p, t)
+                plan_says, base_says = ("new" if x else "old" for x in (new_in_plan, new_in_base))
                 assert new_in_plan == new_in_base, (
-                    f"step {t}: {op.name} reads {r.quantity.name} "
-                    f"{'new' if new_in_plan else 'old'} in the plan, {'new' if new_in_base else 'old'} in the baseline"
+                    f"step {t}: {op.name} reads {r.quantity.name} {plan_says} in the plan, "
+                    f"{base_says} in the baseline"
                 )
 
 
-CARRIED_TRIANGLE = [
-    Toy(name="A", reads=("grad", "b"), carry=("b",), makes=("a", "update")),
-    Toy(name="B", reads=("loss", "c"), carry=("c",), makes=("b",), every=2),
-    Toy(name="C", reads=("loss", "a"), carry=("a",), makes=("c",)),
-]
-
-
 def test_carried_read_sees_the_same_value_in_every_phase_and_in_the_baseline():
-    """A -> B -> C -> A, all carried; B runs on even steps. On odd steps the plan lets C read the new %a (no
-    cycle closes while B is idle), on even steps the old one; the unplanned baseline always reads the old one."""
+    """A -> B -> C -> A, all carried; B runs on even steps. On odd steps the plan lets C read the new %a
+    (no cycle closes while B is idle), on even steps the old one; the unplanned baseline always reads the old
+    one."""
     plan = cp.compile_plan(CARRIED_TRIANGLE)
     base = cp.compile_plan(CARRIED_TRIANGLE, optimize=False)
     sources = {ph.index: ph.op("C").reads[1].source for ph in plan.phases}
