@@ -7,19 +7,11 @@ import pytest
 # Planner / IR defects found by these tests and not fixed yet. Each is a strict xfail: it is reported as
 # xfailed (never as passed), and the suite fails as soon as a fix makes it pass, so the entry must go.
 KNOWN_BUGS = {
-    "tests/ir/test_cadence.py::test_describe_steps_is_exact": "describe_steps misses steps after a finite run",
-    "tests/ir/test_cadence.py::test_describe_steps_with_few_terms_is_exact_or_none": "describe_steps inexact",
-    "tests/ir/test_cadence.py::test_describe_steps_of_one_cadence_is_that_cadence": "describe_steps inexact",
-    "tests/ir/test_cadence.py::test_describe_steps_keeps_periodic_steps_after_a_finite_run": "describe_steps",
-    "tests/ir/test_cadence.py::test_describe_steps_finds_strided_finite_runs": "describe_steps finite runs",
     "tests/ir/test_quantity.py::test_attributes_cannot_be_deleted": "Quantity lacks __delattr__ guard",
     "tests/ir/test_quantity.py::test_numerically_equal_attributes_of_other_types_print_as_given":
         "hash-consing merges 1 / 1.0 / True attribute values",
     "tests/planner/test_errors.py::test_cycle_message_reads_as_one_chain": "cycle message format",
-    "tests/planner/test_golden.py::test_scao": "phase header for a union ending in a stop",
     "tests/planner/test_properties.py::test_to_dict_from_dict_round_trip": "removed modules lost in to_dict",
-    "tests/planner/test_properties.py::test_effective_cadence_of_a_union_that_outlives_a_stop":
-        "describe_steps inexact",
     "tests/planner/test_properties.py::test_removed_modules_do_not_change_the_period":
         "horizon uses cadences of removed modules",
     "tests/planner/test_properties.py::test_removed_consumers_do_not_set_a_producers_cadence":
@@ -34,8 +26,6 @@ KNOWN_BUGS = {
         "carried edges are added in name order, so names decide which read becomes a slot read",
     "tests/planner/test_properties.py::test_renaming_modules_changes_nothing_but_names":
         "carried edges are added in name order, so names decide which read becomes a slot read",
-    "tests/planner/test_properties.py::test_phase_headers_and_effective_cadences_describe_their_steps":
-        "describe_steps is inexact for some patterns (see test_cadence.py)",
     "tests/planner/test_properties.py::test_unplanned_baseline_reads_the_same_values":
         "carried read resolution (fresh vs slot) can differ between the plan and its baseline",
 }

@@ -140,10 +140,11 @@ def describe_steps(mask: int, prefix: int, period: int, max_terms: int = 3) -> l
                 cover = (c.mask(window) & todo).bit_count()
                 if cover > best_cover:
                     best, best_cover = c, cover
-                if n == 0:
-                    break
         terms.append(best)
-        todo &= ~best.mask(window)
+        covered = best.mask(window)
+        if best.stop is not None and prefix > 0:
+            covered &= (1 << prefix) - 1  # a finite run settles prefix steps only; periodic ones stay to do
+        todo &= ~covered
         if len(terms) > max_terms:
             return None
     return sorted(terms, key=lambda c: (c.first, c.every))
