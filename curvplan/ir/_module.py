@@ -78,9 +78,6 @@ class Module(BaseModel):
     info_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
     """Telemetry ``(key, dtype)`` pairs (dtype ``float`` / ``int`` / ``bool``) this module reports in `StepInfo`."""
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs):
         super().__pydantic_init_subclass__(**kwargs)

@@ -47,7 +47,8 @@ class Quantity:
             raise ValueError(f"quantity kind must be an identifier, got {kind!r}")
         items = dict(attrs).items() if not isinstance(attrs, dict) else attrs.items()
         norm = tuple(sorted((str(k), _check_attr_value(k, v)) for k, v in items))
-        key = (kind, subject, norm, scope)
+        typed = tuple((k, type(v).__name__, v) for k, v in norm)  # 1, 1.0 and True stay distinct
+        key = (kind, subject, typed, scope)
         found = cls._cache.get(key)
         if found is not None:
             return found
@@ -62,6 +63,9 @@ class Quantity:
 
     def __setattr__(self, name, value):
         raise AttributeError("Quantity is immutable; use .replace(...)")
+
+    def __delattr__(self, name):
+        raise AttributeError("Quantity is immutable")
 
     def __reduce__(self):
         return (Quantity, (self.kind, self.subject, self.attrs, self.scope))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvplan.ir import quantities as qs
 from curvplan.ir._errors import LoweringError
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase
@@ -286,8 +287,6 @@ class LoweredPlan:
         return {k: jnp.asarray(reported.get(k, _INFO_DEFAULTS[dt]), _INFO_DTYPES[dt]) for k, dt in declared.items()}
 
     def _info(self, env, infos, updates, finite, skipped, phase_index) -> StepInfo:
-        from curvplan.ir import quantities as qs
-
         loss = env.get(qs.loss())
         if loss is None:  # unplanned baseline: every module has its own (equal) copy
             loss = next((v for k, v in sorted(env.items(), key=lambda kv: kv[0].sort_key) if k.kind == "loss"), None)

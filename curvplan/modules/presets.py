@@ -25,9 +25,13 @@ from curvplan.modules import (
 )
 
 
-def _tail(learning_rate, momentum, weight_decay, clip_norm, source="newton") -> UpdateTail:
-    return UpdateTail(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-                      clip_norm=clip_norm, source=source)
+def _cg_method(curvature: Module, learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm):
+    return [
+        curvature,
+        ConstantDamping(lam=lam),
+        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
+        UpdateTail(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm),
+    ]
 
 
 def newton_cg(
@@ -42,12 +46,7 @@ def newton_cg(
     clip_norm: float | None = None,
 ) -> list[Module]:
     """Newton-CG: exact Hessian, constant damping λ, CG (stops on negative curvature), ``-lr·s``."""
-    return [
-        Hessian(),
-        ConstantDamping(lam=lam),
-        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
-        _tail(learning_rate, momentum, weight_decay, clip_norm),
-    ]
+    return _cg_method(Hessian(), learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm)
 
 
 def gauss_newton_cg(
@@ -63,12 +62,7 @@ def gauss_newton_cg(
     clip_norm: float | None = None,
 ) -> list[Module]:
     """Gauss-Newton-CG (Somax's ``sgn_*``): GGN for ``loss``, constant damping λ, CG, ``-lr·s``."""
-    return [
-        GGN(loss=loss),
-        ConstantDamping(lam=lam),
-        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
-        _tail(learning_rate, momentum, weight_decay, clip_norm),
-    ]
+    return _cg_method(GGN(loss=loss), learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm)
 
 
 def adahessian_like(

@@ -235,7 +235,7 @@ def _check_cycles(mods: dict[str, Module], producers: dict[Quantity, str]) -> No
         cycle = nx.find_cycle(g)
     except nx.NetworkXNoCycle:
         return
-    steps = " -> ".join(f"`{u}` --{g.edges[u, v]['quantity'].name}-->" for u, v in cycle) + f" `{cycle[0][0]}`"
+    steps = " ".join(f"`{u}` --{g.edges[u, v]['quantity'].name}-->" for u, v in cycle) + f" `{cycle[0][0]}`"
     raise CycleError(
         f"fresh dependencies form a cycle: {steps}",
         where="modules " + ", ".join(f"`{u}`" for u, _ in cycle),

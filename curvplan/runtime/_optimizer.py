@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from curvplan.ir._module import Module
@@ -99,6 +98,3 @@ def make_step_fn(opt: Optimizer) -> Callable:
 
     return step
 
-
-def _zeros_like(tree):
-    return jax.tree.map(jnp.zeros_like, tree)

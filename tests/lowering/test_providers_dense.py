@@ -21,12 +21,7 @@ B = 7  # batch size
 D_IN, D_HID = 3, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    prev = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
 
 
 # -- a small MLP 3-5-C (tanh), params a dict; C=None means scalar outputs of shape (B,) ------------------

@@ -16,12 +16,7 @@ from jax.flatten_util import ravel_pytree
 from curvplan.modules import conjugate_gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    prev = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
 
 
 def random_orthogonal(rs, n):
@@ -273,11 +268,6 @@ def test_stabilise_every_gives_same_solution(every):
         assert int(stab.iterations) > int(plain.iterations)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ALGORITHMS.md §8.2 says a first-iteration stop returns p₀ (= M⁻¹b with a preconditioner); "
-    "conjugate_gradient returns b itself (its docstring says so). Reported, not fixed here.",
-)
 def test_preconditioned_negative_curvature_on_first_direction_returns_p0():
     A = np.diag([-1.0, 1.0, 2.0, 3.0, 4.0])
     b = np.array([1.0, 0.1, 0.1, 0.1, 0.1])

@@ -14,12 +14,7 @@ from curvplan.modules import Context, HutchinsonDiag, LinearOperator, curv_op
 from curvplan.modules.estimators._hutchinson import rademacher_like
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    prev = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
 
 
 def spd(rs, n, cond):
@@ -208,11 +203,6 @@ def test_hutchinson_on_pytree_params():
     assert np.all(np.abs(est - np.diag(A)) <= 5 * sigma / np.sqrt(S))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConstantDamping stores λ as float32 (jnp.asarray(lam, jnp.float32)) even under x64, so the "
-    "damped solve uses λ=0.10000000149 instead of 0.1 (solution off by ~1e-8 relative). Reported, not fixed.",
-)
 def test_damped_newton_step_uses_exact_lambda_under_x64():
     n, lam = 20, 0.1
     rs = np.random.RandomState(6)

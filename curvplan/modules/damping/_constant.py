@@ -25,7 +25,7 @@ class ConstantDamping(Module):
         return (q.lam(),)
 
     def init_carried(self, quantity, params, ctx):
-        return jnp.asarray(self.lam, jnp.float32)
+        return jnp.asarray(self.lam, jnp.result_type(float))
 
     def apply(self, inputs, state, ctx):
-        return {q.lam(): jnp.asarray(self.lam, jnp.float32)}, state
+        return {q.lam(): jnp.asarray(self.lam, jnp.result_type(float))}, state

@@ -83,10 +83,10 @@ def conjugate_gradient(
 
     init = (x, r, z, z, rz, jnp.zeros((), jnp.int32), jnp.asarray(False))
     x, r, _, _, _, k, neg = jax.lax.while_loop(cond, body, init)
-    x_is_zero = tree_vdot(x, x) == 0
-    # first-iteration negative curvature: fall back to b; a non-finite b propagates (so guards see it)
-    use_b = (neg & x_is_zero) | ~jnp.isfinite(bb)
-    x = jax.tree.map(lambda xi, bi: jnp.where(use_b, bi, xi), x, b)
+    # negative curvature before any progress: return the first search direction p0 = M⁻¹ r0 (Steihaug);
+    # a non-finite b propagates, so the step's non-finite guard sees it.
+    fallback = (neg & (tree_vdot(x, x) == 0)) | ~jnp.isfinite(bb)
+    x = jax.tree.map(lambda xi, pi: jnp.where(fallback, pi, xi), x, z)
     rr = tree_vdot(r, r)
     rel = jnp.sqrt(rr / jnp.maximum(bb, tiny))
     return CGResult(x, k, rel, rr <= bound, neg)
