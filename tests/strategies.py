@@ -12,7 +12,9 @@ liveness rules (DESIGN.md §4), written from the module declarations only:
 - a module with an explicit cadence is *scheduled* on it; one without is scheduled whenever one of its fresh
   consumers is scheduled, or on every step if nothing reads it fresh;
 - a scheduled module *runs* when it is kept (sink, stateful, makes ``update``, or one of its outputs is read
-  carried by any module) or when a module that reads it fresh runs.
+  carried by any module) or when a module that reads it fresh runs;
+- a module that never runs (and that no running module reads fresh) is removed and the rules are evaluated
+  again on the rest (period included), until nothing more is removed.
 """
 
 from __future__ import annotations
@@ -157,8 +159,7 @@ def kept(modules: Sequence[Toy]) -> list[bool]:
     ]
 
 
-def reference_running(modules: Sequence[Toy], t: int) -> list[bool]:
-    """Whether each module runs at step ``t`` (see the module docstring)."""
+def _running_once(modules: Sequence[Toy], t: int) -> list[bool]:
     consumers = fresh_consumers(modules)
     sched = reference_scheduled(modules, t, consumers)
     keep = kept(modules)
@@ -168,11 +169,43 @@ def reference_running(modules: Sequence[Toy], t: int) -> list[bool]:
     return running
 
 
+def reference_live(modules: Sequence[Toy]) -> list[bool]:
+    """Which modules run at all: drop the never-running ones, re-evaluate the rest, until nothing changes."""
+    live = [True] * len(modules)
+    while True:
+        idx = [i for i, x in enumerate(live) if x]
+        sub = [modules[i] for i in idx]
+        prefix, period = reference_horizon(sub)
+        ever = [False] * len(sub)
+        for t in range(prefix + 2 * period):
+            ever = [a or b for a, b in zip(ever, _running_once(sub, t))]
+        consumers = fresh_consumers(sub)
+        # a producer some running module reads fresh stays (if it never runs, that is a cadence conflict)
+        keep = [e or any(ever[c] for c in consumers[j]) for j, e in enumerate(ever)]
+        if all(keep):
+            return live
+        for i, k in zip(idx, keep):
+            live[i] = k
+
+
+def reference_running(modules: Sequence[Toy], t: int) -> list[bool]:
+    """Whether each module runs at step ``t`` (see the module docstring); removed modules never run."""
+    live = reference_live(modules)
+    idx = [i for i, x in enumerate(live) if x]
+    running = [False] * len(modules)
+    for i, r in zip(idx, _running_once([modules[i] for i in idx], t)):
+        running[i] = r
+    return running
+
+
 def repair_cadences(specs: list[dict]) -> list[dict]:
-    """Drops explicit cadences of producers whose fresh consumers are scheduled on steps they are not."""
+    """Drops explicit cadences of producers whose fresh consumers are scheduled on steps they are not
+    (among the modules that run at all: removed modules raise no `CadenceError`)."""
     specs = [dict(s) for s in specs]
     while True:
-        modules = build(specs)
+        every = build(specs)
+        idx = [i for i, live in enumerate(reference_live(every)) if live]  # conflicts count among live ones
+        modules = [every[i] for i in idx]
         consumers = fresh_consumers(modules)
         prefix, period = reference_horizon(modules)
         bad = None
@@ -184,5 +217,5 @@ def repair_cadences(specs: list[dict]) -> list[dict]:
                 break
         if bad is None:
             return specs
-        del specs[bad]["cadence"]
+        del specs[idx[bad]]["cadence"]
 

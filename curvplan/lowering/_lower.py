@@ -189,8 +189,8 @@ class LoweredPlan:
                 m = self.modules[op.name]
                 inputs = {}
                 for r in op.reads:
-                    if r.source == "slot":
-                        inputs[r.quantity] = slots[plan.names[r.node]]
+                    if r.source == "slot":  # the value from before this step, whatever ran earlier in it
+                        inputs[r.quantity] = state.slots[plan.names[r.node]]
                     elif r.node.is_input:
                         inputs[r.quantity] = {"params": params, "batch": batch, "rng": None}[r.node.kind]
                     else:
@@ -198,7 +198,7 @@ class LoweredPlan:
                 ctx = self._ctx(op.name, state.step, rng, params, batch)
                 if "rng" in [r.node.kind for r in op.reads]:
                     inputs[next(r.quantity for r in op.reads if r.node.kind == "rng")] = ctx.rng
-                outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, slots, state.step)
+                outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, state.slots, state.step)
                 mods[op.name] = new_state
                 infos[op.name] = info
                 for qv in op.outputs:

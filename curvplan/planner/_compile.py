@@ -7,7 +7,9 @@ The pipeline (DESIGN.md §5), one function per pass:
 3. `_name`: default names (``kind``, ``kind_1``, ...) assigned in structural order.
 4. `_resolve`: every consumed quantity gets a producer (input, module or provider rule).
 5. `_check_cycles`: fresh dependencies must form a DAG.
-6. `_propagate`: effective cadences (producers run whenever a fresh consumer runs) and liveness.
+6. `_live_modules` / `_propagate`: effective cadences (producers run whenever a fresh consumer runs) and
+   liveness, repeated until no module is removed; `_carried_reads_of_new_values` decides once which
+   carried reads see this step's value.
 7. `_build_phases`: distinct running sets -> phases; per phase the cheapest provider cover and a
    deterministic schedule; carried slots.
 """
@@ -82,23 +84,13 @@ def compile_plan(
     mods = _name(mods)
     producers = _resolve(mods, given)
     _check_cycles(mods, producers)
-    explicit = [m.cadence for m in mods.values() if m.cadence is not None]
-    prefix, period = horizon(explicit)
-    if prefix + period > max_period:
-        slow = sorted((str(m.cadence), lbl) for lbl, m in mods.items() if m.cadence is not None)
-        raise PeriodError(
-            f"the phase table would span {prefix} + {period} steps (limit {max_period})",
-            where="cadences " + ", ".join(f"`{lbl}` {c}" for c, lbl in slow),
-            fix="use cadence periods that divide each other (e.g. every=10 and every=100, not 97 and 101)",
-        )
-    window = prefix + 2 * period
-    run = _propagate(mods, producers, window)
-    removed = tuple(sorted(lbl for lbl, mask in run.items() if mask == 0))
-    live = {lbl: m for lbl, m in mods.items() if run[lbl]}
+    live, run, prefix, period = _live_modules(mods, producers, max_period)
+    removed = tuple(sorted(set(mods) - set(live)))
+    reads_new = _carried_reads_of_new_values(live, producers)
     if optimize:
-        phases, table, slots = _build_phases(live, producers, run, prefix, period, given)
+        phases, table, slots = _build_phases(live, producers, run, prefix, period, given, reads_new)
     else:
-        phases, table, slots = _build_unplanned(live, producers, run, prefix, period, given)
+        phases, table, slots = _build_unplanned(live, producers, run, prefix, period, given, reads_new)
     state = ("step",) + tuple(f"{lbl}.{f}" for lbl, m in live.items() for f in m.state_fields)
     return Plan(
         name=name,
@@ -106,6 +98,7 @@ def compile_plan(
         given=given,
         max_period=max_period,
         modules=tuple(live.values()),
+        declared=tuple(mods.values()),
         phases=phases,
         prefix=prefix,
         period=period,
@@ -243,7 +236,80 @@ def _check_cycles(mods: dict[str, Module], producers: dict[Quantity, str]) -> No
     )
 
 
-# -- 6: cadences ----------------------------------------------------------------------------------------
+# -- 6: cadences, liveness, carried reads ---------------------------------------------------------------
+def _live_modules(mods, producers, max_period):
+    """Drops modules that never run until none is left to drop; returns ``(live, run, prefix, period)``.
+
+    A removed module shapes nothing: neither the period nor its producers' cadences or liveness.
+    """
+    live = dict(mods)
+    while True:
+        explicit = [m.cadence for m in live.values() if m.cadence is not None]
+        prefix, period = horizon(explicit)
+        if prefix + period > max_period:
+            slow = sorted((str(m.cadence), lbl) for lbl, m in live.items() if m.cadence is not None)
+            raise PeriodError(
+                f"the phase table would span {prefix} + {period} steps (limit {max_period})",
+                where="cadences " + ", ".join(f"`{lbl}` {c}" for c, lbl in slow),
+                fix="use cadence periods that divide each other (e.g. every=10 and every=100, not 97 and 101)",
+            )
+        window = prefix + 2 * period
+        run = _propagate(live, producers, window)
+        conflicts = _cadence_conflicts(live, producers, run, window)
+        # a producer that a running consumer needs is never dropped: that is a conflict, raised below
+        dead = {lbl for lbl, mask in run.items() if mask == 0} - {c[0] for c in conflicts}
+        if not dead:
+            if conflicts:
+                _raise_cadence_conflict(live, run, window, *conflicts[0])
+            return live, run, prefix, period
+        live = {lbl: m for lbl, m in live.items() if lbl not in dead}
+
+
+def _cadence_conflicts(mods, producers, run, window) -> list[tuple[str, str, Quantity, int]]:
+    """``(producer, consumer, quantity, step)`` where a running consumer reads fresh from an explicitly
+    scheduled producer on a step that producer's cadence leaves out."""
+    out = []
+    for c, m in mods.items():
+        for q, fr in m.uses():
+            p = producers[q]
+            if fr == "fresh" and p in mods and mods[p].cadence is not None:
+                extra = run[c] & ~mods[p].cadence.mask(window)
+                if extra:
+                    out.append((p, c, q, (extra & -extra).bit_length() - 1))
+    return sorted(out, key=lambda x: (x[3], x[0], x[1], x[2].sort_key))
+
+
+def _raise_cadence_conflict(mods, run, window, p, c, q, t):
+    cad = mods[p].cadence
+    raise CadenceError(
+        f"module `{c}` needs {q.name} fresh at step {t}, but its producer `{p}` is scheduled {cad} and does "
+        f"not run then",
+        where=f"producer `{p}` {cad}, consumer `{c}` ({_describe(run[c], window)}), quantity {q.name}",
+        fix=f"remove the cadence of `{p}` (it then follows its consumers), make `{c}` run only on {cad}, "
+        f"or consume {q.name} with `carried(...)`",
+    )
+
+
+def _carried_reads_of_new_values(mods, producers) -> set[tuple[str, Quantity]]:
+    """The carried reads that see the value computed this step when their producer runs first.
+
+    A carried read of a module in another strongly connected component of the module graph (fresh and
+    carried edges) is ordered after its producer and sees the new value; inside a component (a feedback
+    loop such as damping -> solver -> damping) it reads the value from before the step. The rule depends
+    on neither names nor phases, so every phase and the unplanned baseline agree.
+    """
+    g = _fresh_graph(mods, producers)
+    carried_edges = []
+    for lbl, m in mods.items():
+        for q, fr in m.uses():
+            p = producers[q]
+            if fr == "carried" and p in mods and p != lbl:
+                carried_edges.append((p, lbl, q))
+                g.add_edge(p, lbl)
+    component = {n: i for i, comp in enumerate(nx.strongly_connected_components(g)) for n in comp}
+    return {(c, q) for p, c, q in carried_edges if component[p] != component[c]}
+
+
 def _propagate(mods: dict[str, Module], producers: dict[Quantity, str], window: int) -> dict[str, int]:
     """Steps (bitmask over ``window``) on which each module runs.
 
@@ -260,19 +326,6 @@ def _propagate(mods: dict[str, Module], producers: dict[Quantity, str], window: 
         consumers = sorted(g.successors(lbl))
         if m.cadence is not None:
             mask = m.cadence.mask(window)
-            for c in consumers:
-                extra = active[c] & ~mask
-                if extra:
-                    t = (extra & -extra).bit_length() - 1
-                    q = g.edges[lbl, c]["quantity"]
-                    raise CadenceError(
-                        f"module `{c}` needs {q.name} fresh at step {t}, but its producer `{lbl}` is "
-                        f"scheduled {m.cadence} and does not run then",
-                        where=f"producer `{lbl}` {m.cadence}, consumer `{c}` ({_describe(active[c], window)}), "
-                        f"quantity {q.name}",
-                        fix=f"remove the cadence of `{lbl}` (it then follows its consumers), make `{c}` run "
-                        f"only on {m.cadence}, or consume {q.name} with `carried(...)`",
-                    )
         elif consumers:
             mask = 0
             for c in consumers:
@@ -391,7 +444,7 @@ def _schedule(g: nx.DiGraph) -> list[str]:
     return list(nx.lexicographical_topological_sort(g, key=lambda n: (0 if n.startswith("provider:") else 1, n)))
 
 
-def _build_phases(mods, producers, run, prefix, period, given):
+def _build_phases(mods, producers, run, prefix, period, given, reads_new):
     sets, table = _steps_by_phase(run, prefix, period)
     window = prefix + 2 * period
     carried_read = {q for m in mods.values() for q, fr in m.uses() if fr == "carried"}
@@ -428,15 +481,9 @@ def _build_phases(mods, producers, run, prefix, period, given):
             for q, fr in mods[lbl].uses():
                 if fr == "fresh" and q in made_by:
                     g.add_edge(made_by[q], f"module:{lbl}")
-        # carried reads of a producer that runs this step read its new value, unless that closes a cycle
-        reads_fresh: set[tuple[str, Quantity]] = set()
-        for lbl in sorted(running):
-            for q, fr in mods[lbl].uses():
-                if fr == "carried" and q in made_by:
-                    src, dst = made_by[q], f"module:{lbl}"
-                    if src != dst and not nx.has_path(g, dst, src):
-                        g.add_edge(src, dst)
-                        reads_fresh.add((lbl, q))
+        reads_fresh = {(lbl, q) for lbl, q in reads_new if lbl in running and q in made_by}
+        for lbl, q in reads_fresh:
+            g.add_edge(made_by[q], f"module:{lbl}")
         ops = []
         for node in _schedule(g):
             role, ref = node.split(":", 1)
@@ -468,7 +515,7 @@ def _build_phases(mods, producers, run, prefix, period, given):
     return tuple(phases), table, tuple(sorted(slots))
 
 
-def _build_unplanned(mods, producers, run, prefix, period, given):
+def _build_unplanned(mods, producers, run, prefix, period, given, reads_new):
     """One program: every module with private providers run every step, cadences as guards."""
     window = prefix + 2 * period
     carried_read = {q for m in mods.values() for q, fr in m.uses() if fr == "carried"}
@@ -496,14 +543,9 @@ def _build_unplanned(mods, producers, run, prefix, period, given):
         for q, fr in m.uses():
             if fr == "fresh" and q in made_by:
                 g.add_edge(made_by[q], f"module:{lbl}")
-    reads_fresh = set()
-    for lbl in sorted(mods):
-        for q, fr in mods[lbl].uses():
-            if fr == "carried" and q in made_by:
-                src, dst = made_by[q], f"module:{lbl}"
-                if src != dst and not nx.has_path(g, dst, src):
-                    g.add_edge(src, dst)
-                    reads_fresh.add((lbl, q))
+    reads_fresh = reads_new
+    for lbl, q in reads_fresh:
+        g.add_edge(made_by[q], f"module:{lbl}")
     ops = []
     for node in _schedule(g):
         if node in provider_ops:

@@ -32,6 +32,7 @@ class Plan:
         run: for each module, a bitmask of the steps in ``[0, prefix + 2 * period)`` on which it runs.
         slots: carried quantities kept in the optimizer state.
         state: names of the state entries (``step``, ``module.field``).
+        declared: every module after dedup, including removed ones (what `to_dict` stores).
         merged: ``(kept, dropped)`` names of modules merged by dedup.
         removed: modules that never run (nothing reads their outputs).
     """
@@ -48,6 +49,7 @@ class Plan:
     run: dict[str, int]
     slots: tuple[Quantity, ...]
     state: tuple[str, ...]
+    declared: tuple[Module, ...] = ()
     merged: tuple[tuple[str, str], ...] = ()
     removed: tuple[str, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False)
@@ -151,7 +153,9 @@ class Plan:
         return hashlib.sha256(str(self).encode()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Plan) and str(self) == str(other) and self.to_dict() == other.to_dict()
+        # what the plan runs: its text and its running modules (removed modules do not count)
+        return (isinstance(other, Plan) and str(self) == str(other)
+                and [m.to_dict() for m in self.modules] == [m.to_dict() for m in other.modules])
 
     def __hash__(self) -> int:
         return hash(str(self))
@@ -165,7 +169,7 @@ class Plan:
             "optimize": self.optimize,
             "given": [q.to_dict() for q in self.given],
             "max_period": self.max_period,
-            "modules": [m.to_dict() for m in self.modules],
+            "modules": [m.to_dict() for m in self.declared or self.modules],
             "text": str(self),
             "fingerprint": self.fingerprint,
         }
