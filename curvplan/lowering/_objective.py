@@ -23,9 +23,10 @@ def mse_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels."""
+    """Mean softmax cross-entropy with integer labels (labels reshaped to ``logits.shape[:-1]``)."""
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+    labels = jnp.reshape(labels, logits.shape[:-1]).astype(jnp.int32)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
 
 _LOSSES = {"mse": mse_loss, "ce": ce_loss}
