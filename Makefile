@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench-planner graphviz clean
+.PHONY: demo test bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.core
+	$(BIN)/pip install -q -e ".[bench]"
 	touch $@
 
 $(VENV)/.examples: $(VENV)/.core
@@ -37,8 +41,34 @@ demo: $(VENV)/.examples graphviz
 test: $(VENV)/.test graphviz
 	$(BIN)/python -m pytest tests curvplan
 
+# Fashion-MNIST (workload W2) comes from the Debian package; without it W2 is skipped with a note.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	    echo "note: dataset-fashion-mnist could not be installed; W2 is skipped"; \
+	  else echo "note: install Fashion-MNIST with: sudo apt-get install dataset-fashion-mnist"; fi; }
+
+# Benchmarks (BENCHMARKS.md). bench-quick: seconds, the smoke subset CI runs (checks the output is well
+# formed, never timings). bench: the full suite (minutes), rewrites the README's benchmark section.
+bench-quick: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.run quick
+
+bench: $(VENV)/.bench fashion-mnist
+	$(BIN)/python -m benchmarks.run all --readme
+
+# kfac-jax 0.0.8 needs jax 0.9.1 (its graph matcher crashes on 0.10): its own venv, run as a subprocess.
+KFAC_VENV := .venv-kfac
+$(KFAC_VENV)/.ready:
+	$(PYTHON) -m venv $(KFAC_VENV)
+	$(KFAC_VENV)/bin/pip install -q "jax==0.9.1" "jaxlib==0.9.1" "kfac-jax==0.0.8" scikit-learn
+	touch $@
+
+bench-peers: $(KFAC_VENV)/.ready $(VENV)/.bench
+	$(BIN)/python -m benchmarks.run kfac
+
 bench-planner: $(VENV)/.core
 	$(BIN)/python -m benchmarks.planner_speed
 
 clean:
-	rm -rf $(VENV) .pytest_cache plan.svg plan.png
+	rm -rf $(VENV) $(KFAC_VENV) .pytest_cache plan.svg plan.png

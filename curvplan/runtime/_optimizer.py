@@ -25,8 +25,9 @@ class Optimizer:
         model_fn, loss: ``model_fn(params, inputs) -> outputs`` with ``loss='mse'|'ce'`` and
             ``batch = (inputs, targets)`` (needed by Gauss-Newton methods).
 
-    ``step`` reads the step counter on the host and calls that phase's jitted program, so each phase compiles
-    exactly once (``trace_counts`` records it). ``run`` scans many steps in one program with ``lax.switch``.
+    ``step`` picks the phase on the host and calls that phase's jitted program, so each phase compiles
+    exactly once (``trace_counts`` records it). The step counter is read back from the device only when
+    ``step`` is given a state it did not return itself, so consecutive steps dispatch without a host sync. ``run`` scans many steps in one program with ``lax.switch``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, curvplan as cp
@@ -50,6 +51,7 @@ class Optimizer:
         self.trace_counts = [0] * len(self.plan.phases)
         self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.phase_fns)]
         self._scan = jax.jit(self._run_impl)
+        self._last_step: tuple[Any, int] | None = None  # (step array we returned, its value): no host sync
 
     def _counted(self, i: int, f: Callable) -> Callable:
         def step(params, state, batch, rng):
@@ -66,8 +68,11 @@ class Optimizer:
 
     def step(self, params, state: PlanState, batch, rng: jax.Array | None = None) -> tuple[Any, PlanState, StepInfo]:
         """One step: returns ``(new_params, new_state, info)``."""
-        phase = self.plan.phase_of(int(state.step))
-        return self._jitted[phase](params, state, batch, rng)
+        known = self._last_step
+        t = known[1] if known is not None and state.step is known[0] else int(state.step)
+        params, state, info = self._jitted[self.plan.phase_of(t)](params, state, batch, rng)
+        self._last_step = (state.step, t + 1)
+        return params, state, info
 
     def _run_impl(self, params, state, batches, rng):
         def body(carry, batch):

@@ -1,0 +1,175 @@
+"""Optimizers the benchmarks run, behind one interface: curvplan compositions (planned and unplanned), optax
+baselines and peers (Somax v1 through ``python-somax``; kfac-jax through its own venv, see ``peers/``).
+
+A `Runner` has ``init(params, key) -> state`` and ``step(params, state, batch, key) -> (params, state, loss)``
+(host-callable; may dispatch to several compiled programs), ``period`` (steps over which its cost repeats) and
+``programs(...)`` for XLA cost analysis.
+
+>>> from benchmarks.workloads import get_workload
+>>> r = make_runner("adamw", get_workload("w4"))
+>>> r.label, r.period
+('optax.adamw', 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import curvplan as cp
+from benchmarks.workloads import Workload
+
+
+@dataclasses.dataclass
+class Runner:
+    """One optimizer bound to one workload.
+
+    Attributes:
+        name: registry key; label: what tables print.
+        init / step: see module docstring.
+        period: the cost repeats every ``period`` steps (time and FLOPs are averaged over whole periods).
+        programs: ``(params, state, batch, key) -> [(weight, jitted_fn, args)]``: the compiled programs one
+            period runs and the fraction of steps each runs, for `cost_analysis`.
+        n_programs: number of distinct compiled programs (phases); plan: the curvplan plan, if any.
+    """
+
+    name: str
+    label: str
+    init: Callable[[Any, jax.Array], Any]
+    step: Callable[[Any, Any, Any, jax.Array], tuple]
+    period: int = 1
+    programs: Callable[..., list] | None = None
+    n_programs: int = 1
+    plan: Any = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+# -- curvplan -----------------------------------------------------------------------------------------------
+def curvplan_runner(name: str, modules: list, w: Workload, *, optimize: bool = True) -> Runner:
+    plan = cp.compile_plan(modules, optimize=optimize, name=name)
+    opt = cp.Optimizer(plan, **w.optimizer_kwargs())
+
+    def step(params, state, batch, key):
+        params, state, info = opt.step(params, state, batch, key)
+        return params, state, info.loss
+
+    def programs(params, state, batch, key):
+        steps = range(plan.prefix, plan.prefix + plan.period)
+        out = []
+        for i, fn in enumerate(opt._jitted):
+            weight = sum(plan.phase_of(t) == i for t in steps) / plan.period
+            if weight:
+                out.append((weight, fn, (params, state, batch, key)))
+        return out
+
+    label = f"curvplan {name}" + ("" if optimize else " (unplanned)")
+    return Runner(f"{name}{'' if optimize else ':unplanned'}", label, lambda p, k: opt.init(p, k), step,
+                  period=plan.period, programs=programs, n_programs=len(plan.phases), plan=plan,
+                  extra={"optimizer": opt})
+
+
+# -- optax --------------------------------------------------------------------------------------------------
+def optax_runner(name: str, label: str, tx: optax.GradientTransformation, w: Workload, period: int = 1,
+                 hessian: bool = False) -> Runner:
+    """A jitted optax step. ``hessian=True``: the transformation wants ``obj_fn`` (optax.contrib.sophia)."""
+
+    def _step(params, state, batch, key):
+        loss, g = jax.value_and_grad(w.loss_fn)(params, batch)
+        extra = {"obj_fn": lambda p: w.loss_fn(p, batch), "key": key} if hessian else {}
+        updates, state = tx.update(g, state, params, **extra)
+        return optax.apply_updates(params, updates), state, loss
+
+    jstep = jax.jit(_step)
+    return Runner(name, label, lambda p, k: tx.init(p), jstep, period=period,
+                  programs=lambda *a: [(1.0, jstep, a)])
+
+
+# -- Somax v1 -----------------------------------------------------------------------------------------------
+def somax_runner(method: str, w: Workload, **kwargs) -> Runner:
+    """A Somax v1 method (``python-somax``); batches are converted to its ``{"x", "y"}`` dicts."""
+    import somax
+
+    fn = getattr(somax, method)
+    if method in ("sophia_h", "newton_cg", "adahessian", "newton_direct"):
+        kwargs["loss_fn"] = lambda p, b: w.loss_fn(p, (b["x"], b["y"]))
+    else:
+        kwargs["predict_fn"] = w.model_fn
+    m = fn(**kwargs)
+    period = max(int(kwargs.get("eval_every_k", 1)), 1)
+
+    def _step(params, state, batch, key):
+        params, state, info = m.step(params, {"x": batch[0], "y": batch[1]}, state, key)
+        return params, state, info
+
+    jstep = jax.jit(_step)
+
+    def step(params, state, batch, key):
+        params, state, _ = jstep(params, state, batch, key)
+        return params, state, jnp.nan  # Somax reports the loss only on request (it would cost a forward)
+
+    return Runner(f"somax:{method}", f"somax {method}", lambda p, k: m.init(p), step, period=period,
+                  programs=lambda *a: [(1.0, jstep, a)])
+
+
+# -- the method table: a curvplan composition and, where one exists, the peer with the same settings ---------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A composition to benchmark. ``modules(w)`` builds the curvplan module list; ``peer(w)`` the peer's
+    runner with the same settings (or None); ``shares``: whether planning has work to remove (cadences or
+    quantities shared between modules), i.e. whether it belongs in the planning ablation."""
+
+    modules: Callable[[Workload], list]
+    peer: Callable[[Workload], Runner] | None = None
+    shares: bool = True
+    losses: tuple[str, ...] = ("ce", "mse")
+    note: str = ""
+
+
+_CG = dict(lam=1.0, tol=1e-5, maxiter=10, warm_start=True)
+
+
+def _somax_cg(method):
+    def peer(w):
+        name = {"sgn": f"sgn_{w.loss_kind}"}.get(method, method)
+        return somax_runner(name, w, lam0=_CG["lam"], tol=_CG["tol"], maxiter=_CG["maxiter"],
+                            warm_start=_CG["warm_start"], learning_rate=1.0)
+    return peer
+
+
+METHODS: dict[str, Method] = {
+    "gauss_newton_cg": Method(lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind, **_CG), _somax_cg("sgn"),
+                              shares=False, note="one linearization per step; nothing to share"),
+    "newton_cg": Method(lambda w: cp.presets.newton_cg(**_CG), _somax_cg("newton_cg"), shares=False),
+    "hutchinson_every_10": Method(lambda w: cp.presets.adahessian_like(hessian_every=10, learning_rate=0.05),
+                                  note="Hessian diagonal refreshed every 10 steps"),
+}
+
+
+def adamw(w: Workload, learning_rate: float | None = None) -> Runner:
+    lr = learning_rate or ADAMW_LR.get(w.name.split("-")[0], 1e-3)
+    return optax_runner("adamw", "optax.adamw", optax.adamw(lr, weight_decay=1e-4), w)
+
+
+ADAMW_LR = {"w1": 3e-3, "w2": 3e-3, "w3": 3e-3, "w4": 3e-3, "w5": 1e-2}
+"""AdamW learning rates (best of {1e-3, 3e-3, 1e-2} on each workload's time-to-target run, see README)."""
+
+
+def make_runner(name: str, w: Workload) -> Runner:
+    """``adamw``, ``cp:<method>``, ``cp:<method>:unplanned``, ``peer:<method>`` (see `METHODS`)."""
+    if name == "adamw":
+        return adamw(w)
+    kind, _, rest = name.partition(":")
+    method, _, variant = rest.partition(":")
+    if kind in ("cp", "peer") and method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if kind == "cp":
+        return curvplan_runner(method, METHODS[method].modules(w), w, optimize=variant != "unplanned")
+    if kind == "peer":
+        if METHODS[method].peer is None:
+            raise KeyError(f"method {method!r} has no peer")
+        return METHODS[method].peer(w)
+    raise KeyError(f"unknown optimizer {name!r}: use adamw, cp:<method>[:unplanned] or peer:<method>")

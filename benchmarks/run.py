@@ -1,0 +1,323 @@
+"""The benchmark runner: suites of measurements written as JSON + Markdown + PNG under ``benchmarks/results``.
+
+    python -m benchmarks.run quick            # seconds: smoke subset (CI), checks the output is well formed
+    python -m benchmarks.run all              # minutes: ablation + peers + time-to-target; updates README
+    python -m benchmarks.run ablation|peers|ttt [--workload w1] [--steps 30] [--repeats 3]
+
+Suites:
+- ``ablation``: each composition with something to share, planned vs ``compile_plan(..., optimize=False)``:
+  per-step time ratio (A/B interleaved), FLOP ratio (XLA ``cost_analysis``), and which passes removed work.
+- ``peers``: each curvplan method vs the peer with the same settings (Somax v1, optax).
+- ``ttt``: time- and steps-to-target vs AdamW over seeds (target: AdamW's held-out loss at 60% of its budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import measure
+from benchmarks.optimizers import METHODS, adamw, make_runner
+from benchmarks.workloads import WorkloadUnavailable, get_workload
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    width = 24
+    filled = int(width * done / max(total, 1))
+    _log(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}")
+
+
+# -- explanations -------------------------------------------------------------------------------------------
+def explain(planned, unplanned) -> list[str]:
+    """Which passes removed work: provider calls per step, planned (by phase) vs unplanned."""
+    from curvplan.ir import PROVIDERS
+
+    u_provs = [op.op for op in unplanned.phases[0].ops if op.role == "provider"]
+    u_cost = sum(PROVIDERS[p].cost for p in u_provs)
+    lines = [f"unplanned: every step runs {len(u_provs)} provider call(s) [{', '.join(u_provs)}] "
+             f"(cost {u_cost:.1f} gradient-equivalents; one per consuming module, cadences as lax.cond)"]
+    steps = range(planned.prefix, planned.prefix + planned.period)
+    avg = 0.0
+    for ph in planned.phases:
+        n = sum(planned.phase_of(t) == ph.index for t in steps)
+        c = sum(PROVIDERS[p].cost for p in ph.providers)
+        avg += c * n / planned.period
+        if n:
+            lines.append(f"planned phase {ph.index} {ph.header} ({n}/{planned.period} steps): "
+                         f"[{', '.join(ph.providers)}] (cost {c:.1f})")
+    if len(u_provs) > max(len(ph.providers) for ph in planned.phases):
+        lines.append("dedup: modules share one provider call instead of one each")
+    if len(planned.phases) > 1:
+        lines.append("per-phase provider selection: off-cadence phases run cheaper providers")
+    lines.append(f"provider cost per step: {avg:.2f} planned vs {u_cost:.2f} unplanned")
+    return lines
+
+
+# -- suites -------------------------------------------------------------------------------------------------
+def suite_ablation(workload: str, steps: int, repeats: int, methods: list[str] | None = None) -> list[dict]:
+    w = get_workload(workload)
+    names = [m for m in (methods or METHODS) if METHODS[m].shares and w.loss_kind in METHODS[m].losses]
+    rows = []
+    for i, m in enumerate(names):
+        _progress(i, len(names), f"ablation {m} on {workload}")
+        a, b = make_runner(f"cp:{m}", w), make_runner(f"cp:{m}:unplanned", w)
+        times = measure.interleaved_step_times({"planned": a, "unplanned": b}, w, steps=steps, repeats=repeats,
+                                               progress=_log)
+        ca, cb = measure.cost(a, w), measure.cost(b, w)
+        low = measure.unplanned_flops_lower_bound(b, w, range(a.plan.prefix, a.plan.prefix + a.plan.period))
+        rows.append({
+            "method": m, "workload": workload, "period": a.period, "phases": a.n_programs,
+            "time_planned": times["planned"], "time_unplanned": times["unplanned"],
+            "time_ratio": measure.ratio_stats(times["planned"], times["unplanned"]),
+            "flops_planned": ca["flops"], "flops_unplanned_xla": cb["flops"], "flops_unplanned_lower": low,
+            "flop_ratio": ca["flops"] / cb["flops"], "flop_ratio_vs_lower": ca["flops"] / low,
+            "bytes_planned": ca["bytes"], "bytes_unplanned": cb["bytes"],
+            "programs_planned": ca["programs"], "explanation": explain(a.plan, b.plan), "plan": str(a.plan),
+        })
+    _progress(len(names), len(names), "ablation done")
+    return rows
+
+
+def suite_peers(workload: str, steps: int, repeats: int, methods: list[str] | None = None) -> list[dict]:
+    w = get_workload(workload)
+    names = [m for m in (methods or METHODS) if METHODS[m].peer is not None and w.loss_kind in METHODS[m].losses]
+    rows = []
+    for i, m in enumerate(names):
+        _progress(i, len(names), f"peers {m} on {workload}")
+        try:
+            peer = make_runner(f"peer:{m}", w)
+        except ImportError as e:
+            rows.append({"method": m, "workload": workload, "error": f"peer not installed: {e}"})
+            continue
+        ours = make_runner(f"cp:{m}", w)
+        times = measure.interleaved_step_times({"curvplan": ours, "peer": peer}, w, steps=steps, repeats=repeats,
+                                               progress=_log)
+        co, cpeer = measure.cost(ours, w), measure.cost(peer, w)
+        rows.append({
+            "method": m, "workload": workload, "peer": peer.label, "time_curvplan": times["curvplan"],
+            "time_peer": times["peer"], "time_ratio": measure.ratio_stats(times["curvplan"], times["peer"]),
+            "flops_curvplan": co["flops"], "flops_peer": cpeer["flops"], "phases": ours.n_programs,
+        })
+    _progress(len(names), len(names), "peers done")
+    return rows
+
+
+def suite_ttt(workload: str, budget: int, seeds: int, methods: list[str], eval_every: int) -> dict:
+    """AdamW runs ``budget`` steps per seed; the target is the median over seeds of its held-out loss at 60%
+    of the budget; every method then trains up to ``budget`` steps and stops when it reaches the target."""
+    w = get_workload(workload)
+    out = {"workload": workload, "budget": budget, "seeds": seeds, "curves": {}, "reached": {}}
+    ref = [measure.train_curve(adamw(w), w, steps=budget, seed=s, eval_every=eval_every) for s in range(seeds)]
+    at60 = int(0.6 * budget)
+    target = float(np.median([min((c for c in r["curve"] if c["step"] >= at60), key=lambda c: c["step"])["eval_loss"]
+                              for r in ref]))
+    out["target"] = target
+    names = ["adamw"] + [m for m in methods if w.loss_kind in METHODS[m].losses]
+    for i, m in enumerate(names):
+        _progress(i, len(names), f"time-to-target {m} on {workload} (target {target:.4f})")
+        runs = []
+        for s in range(seeds):
+            r = adamw(w) if m == "adamw" else make_runner(f"cp:{m}", w)
+            runs.append(measure.train_curve(r, w, steps=budget, seed=s, eval_every=eval_every, target=target))
+        out["curves"][m] = [r["curve"] for r in runs]
+        reached = [r["reached"] for r in runs]
+        ok = [x for x in reached if x is not None]
+        out["reached"][m] = {
+            "n_reached": len(ok),
+            # median over all seeds with "not reached" as +inf: defined only when most seeds reached
+            "median_steps": float(np.median([x["step"] if x else np.inf for x in reached])),
+            "median_time": float(np.median([x["time"] if x else np.inf for x in reached])),
+            "compile_s": float(np.median([r["compile_s"] for r in runs])),
+        }
+    _progress(len(names), len(names), "time-to-target done")
+    return out
+
+
+# -- output -------------------------------------------------------------------------------------------------
+def _fmt_ratio(r: dict) -> str:
+    return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def _finite(x):
+    return x is not None and np.isfinite(x)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Measured {result['timestamp']} on {result['machine']['device']} "
+             f"({result['machine']['cpu_count']} cores, jax {result['machine']['jax']}) with "
+             f"`{result['command']}`.", ""]
+    if result.get("ablation"):
+        lines += ["**Planning ablation** (same composition, `optimize=True` vs `optimize=False`; per-step time "
+                  "ratio median (min-max) over interleaved repeats; FLOPs from XLA cost analysis, per step "
+                  "averaged over one period)", "",
+                  "| composition | workload | phases | ms/step planned | ms/step unplanned | time ratio | "
+                  "FLOP ratio (vs XLA count / vs cond lower bound) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["ablation"]:
+            lines.append(f"| {r['method']} | {r['workload']} | {r['phases']} | {r['time_planned']['median'] * 1e3:.2f} | "
+                         f"{r['time_unplanned']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | "
+                         f"{r['flop_ratio']:.3f} / {r['flop_ratio_vs_lower']:.3f} |")
+        lines.append("")
+    if result.get("peers"):
+        lines += ["**curvplan vs peers** (same model, data, batch, dtype and settings, interleaved in one process)",
+                  "", "| method | workload | peer | ms/step curvplan | ms/step peer | time ratio | MFLOP/step curvplan "
+                  "| MFLOP/step peer |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["peers"]:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['workload']} | {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {r['method']} | {r['workload']} | {r['peer']} | {r['time_curvplan']['median'] * 1e3:.2f} | "
+                         f"{r['time_peer']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | "
+                         f"{r['flops_curvplan'] / 1e6:.2f} | {r['flops_peer'] / 1e6:.2f} |")
+        lines.append("")
+    for t in result.get("ttt", []):
+        lines += [f"**Time to target on {t['workload']}** (target held-out loss {t['target']:.4f} = AdamW's at 60% "
+                  f"of {t['budget']} steps; median over {t['seeds']} seeds; compile time excluded)", "",
+                  "| optimizer | reached | median steps | median time (s) | time vs AdamW | compile (s) |",
+                  "|---|---|---|---|---|---|"]
+        base = t["reached"]["adamw"]["median_time"]
+        for m, r in t["reached"].items():
+            reached = _finite(r["median_time"])
+            lines.append(f"| {m} | {r['n_reached']}/{t['seeds']} | {r['median_steps']:.0f} | "
+                         f"{r['median_time']:.2f} | {r['median_time'] / base:.2f} | {r['compile_s']:.1f} |" if reached
+                         else f"| {m} | {r['n_reached']}/{t['seeds']} | not reached | not reached | - | "
+                              f"{r['compile_s']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(result: dict, stem: pathlib.Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    bars = [(f"{r['method']} (planned/unplanned)", r["time_ratio"]) for r in result.get("ablation", [])]
+    bars += [(f"{r['method']} (vs {r['peer']})", r["time_ratio"]) for r in result.get("peers", []) if "error" not in r]
+    if bars:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))
+        y = np.arange(len(bars))
+        med = [b[1]["median"] for b in bars]
+        err = [[m - b[1]["min"] for m, b in zip(med, bars)], [b[1]["max"] - m for m, b in zip(med, bars)]]
+        ax.barh(y, med, xerr=err, color="#4c72b0")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(y, [b[0] for b in bars], fontsize=8)
+        ax.set_xlabel("per-step time ratio (lower is better; min-max whiskers)")
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "_ratios.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    for t in result.get("ttt", []):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for i, (m, curves) in enumerate(t["curves"].items()):
+            c = curves[0]
+            for ax, key in zip(axes, ("step", "time")):
+                ax.plot([p[key] for p in c], [p["eval_loss"] for p in c], label=m, color=f"C{i}")
+        for ax, key in zip(axes, ("steps", "wall time (s, compile excluded)")):
+            ax.axhline(t["target"], color="k", ls=":", lw=0.8)
+            ax.set_xlabel(key)
+            ax.set_ylabel("held-out loss")
+            ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{t['workload']} (seed 0; target dotted)")
+        fig.tight_layout()
+        path = stem.with_name(f"{stem.name}_{t['workload']}_loss.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+def validate(result: dict) -> None:
+    """Raises if a result is not well formed (what `make bench-quick` checks; never timing values)."""
+    for key in ("suite", "command", "machine", "timestamp"):
+        assert key in result, f"result lacks {key!r}"
+    for r in result.get("ablation", []):
+        assert len(r["time_planned"]["samples"]) >= 1 and all(s > 0 for s in r["time_planned"]["samples"]), r
+        assert r["flops_planned"] > 0 and r["flops_unplanned_xla"] > 0, r
+        assert r["phases"] >= 1 and r["explanation"], r
+    for r in result.get("peers", []):
+        assert "error" in r or r["time_ratio"]["median"] > 0, r
+    for t in result.get("ttt", []):
+        assert np.isfinite(t["target"]) and "adamw" in t["reached"], t
+
+
+def update_readme(md: str, plot: str | None) -> None:
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    text = README.read_text()
+    if start not in text:
+        return
+    body = md + (f"\n![loss curves](benchmarks/results/{plot})\n" if plot else "")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+QUICK = dict(workload="w1", steps=4, repeats=2, methods=["hutchinson_every_10"])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", choices=["quick", "ablation", "peers", "ttt", "all"])
+    ap.add_argument("--workload", default="w1")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per block (rounded up to whole periods)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's benchmark section")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"suite": args.suite, "command": "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
+              "machine": measure.machine(), "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
+    t0 = time.perf_counter()
+    if args.suite == "quick":
+        result["ablation"] = suite_ablation(QUICK["workload"], QUICK["steps"], QUICK["repeats"], QUICK["methods"])
+        result["ttt"] = [suite_ttt("w4", budget=40, seeds=2, methods=QUICK["methods"], eval_every=10)]
+    if args.suite in ("ablation", "all"):
+        result["ablation"] = suite_ablation(args.workload, args.steps, args.repeats, args.methods)
+    if args.suite in ("peers", "all"):
+        result["peers"] = suite_peers(args.workload, args.steps, args.repeats, args.methods)
+    if args.suite in ("ttt", "all"):
+        result["ttt"] = []
+        for wl, budget, every in (("w1", 600, 20), ("w4", 1500, 50)):
+            try:
+                result["ttt"].append(suite_ttt(wl, budget, args.seeds, args.methods or TTT_METHODS, every))
+            except WorkloadUnavailable as e:
+                _log(f"skipping {wl}: {e}")
+    result["peak_rss_mb"] = measure.peak_rss_mb()
+    result["elapsed_s"] = time.perf_counter() - t0
+    validate(result)
+    stem = out / args.suite
+    md = markdown(result)
+    result["plots"] = plots(result, stem)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+    stem.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    _log(f"wrote {stem}.json, {stem}.md, {', '.join(result['plots'])} in {result['elapsed_s']:.0f} s")
+    if args.readme:
+        loss_plots = [p for p in result["plots"] if p.endswith("_loss.png")]
+        update_readme(md, loss_plots[0] if loss_plots else None)
+    return result
+
+
+TTT_METHODS = ["gauss_newton_cg", "hutchinson_every_10"]
+
+if __name__ == "__main__":
+    main()
