@@ -9,8 +9,9 @@ make `compile_plan` raise `CadenceError` are dropped by `repair_cadences` (using
 `reference_running` is an independent, per-step implementation of the planner's cadence propagation and
 liveness rules (DESIGN.md §4), written from the module declarations only:
 
-- a module with an explicit cadence is *scheduled* on it; one without is scheduled whenever one of its fresh
-  consumers is scheduled, or on every step if nothing reads it fresh;
+- a module with an explicit cadence is *scheduled* on it; one without is scheduled on every step if it is a
+  sink, makes ``update`` (the plan's output, read every step) or nothing reads it fresh, and otherwise
+  whenever one of its fresh consumers is scheduled;
 - a scheduled module *runs* when it is kept (sink, stateful, makes ``update``, or one of its outputs is read
   carried by any module) or when a module that reads it fresh runs;
 - a module that never runs (and that no running module reads fresh) is removed and the rules are evaluated
@@ -143,6 +144,8 @@ def reference_scheduled(modules: Sequence[Toy], t: int, consumers=None) -> list[
         m = modules[i]
         if m.cadence is not None:
             sched[i] = m.cadence.active(t)
+        elif m.sink or any(q.kind == "update" for q in m.outputs()):
+            sched[i] = True
         elif consumers[i]:
             sched[i] = any(sched[c] for c in consumers[i])
         else:

@@ -18,9 +18,11 @@ from curvplan.modules import (
     ConstantDamping,
     DiagEMA,
     DiagonalDirection,
+    GainRatio,
     Hessian,
     HutchinsonDiag,
     Module,
+    TrustRegionDamping,
     UpdateTail,
 )
 
@@ -77,4 +79,58 @@ def adahessian_like(
         DiagEMA(beta=beta2, mode="adahessian", every=hessian_every, estimate=(("est", "hutchinson"), ("probes", probes))),
         DiagonalDirection(beta1=beta1, mode="adahessian"),
         UpdateTail(learning_rate=learning_rate, source="diag"),
+    ]
+
+
+def levenberg_marquardt(
+    learning_rate: Any = 1.0,
+    *,
+    loss: Literal["mse", "ce"] = "mse",
+    lam0: float = 1.0,
+    rho_every: int = 1,
+    tol: float = 1e-5,
+    maxiter: int = 20,
+    warm_start: bool = True,
+) -> list[Module]:
+    """Levenberg-Marquardt: GGN + CG + trust-region damping driven by the gain ratio ρ, measured every
+    ``rho_every`` steps on the same batch (one extra forward and one GGN-vector product each time).
+
+    >>> import curvplan as cp
+    >>> print(cp.compile_plan(levenberg_marquardt(rho_every=5), name="lm"))  # doctest: +ELLIPSIS
+    plan lm: 2 phases, period 5
+    ...
+    """
+    return [
+        GGN(loss=loss),
+        TrustRegionDamping(lam0=lam0, every=rho_every),
+        GainRatio(every=rho_every),
+        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
+        UpdateTail(learning_rate=learning_rate),
+    ]
+
+
+def hessian_free(
+    learning_rate: Any = 1.0,
+    *,
+    loss: Literal["mse", "ce"] = "ce",
+    lam0: float = 1.0,
+    rho_every: int = 5,
+    maxiter: int = 50,
+    tol: float = 5e-4,
+    warm_start_decay: float = 0.95,
+    precond_every: int = 10,
+) -> list[Module]:
+    """Hessian-free (Martens 2010) as a composition: GGN + preconditioned CG + Levenberg-Marquardt damping
+    on ρ every ``rho_every`` steps + warm start from ζ times the previous solution. The CG preconditioner
+    is an EMA of a Hutchinson estimate of diag(GGN), refreshed every ``precond_every`` steps (Martens used
+    the empirical Fisher diagonal; this one shares the GGN linearization the step already has).
+    """
+    return [
+        GGN(loss=loss),
+        HutchinsonDiag(probes=1, every=precond_every),
+        DiagEMA(beta=0.95, mode="sophia", every=precond_every),
+        TrustRegionDamping(lam0=lam0, every=rho_every),
+        GainRatio(every=rho_every),
+        CG(tol=tol, maxiter=maxiter, warm_start=True, warm_start_decay=warm_start_decay, precondition=True),
+        UpdateTail(learning_rate=learning_rate),
     ]

@@ -313,8 +313,9 @@ def _carried_reads_of_new_values(mods, producers) -> set[tuple[str, Quantity]]:
 def _propagate(mods: dict[str, Module], producers: dict[Quantity, str], window: int) -> dict[str, int]:
     """Steps (bitmask over ``window``) on which each module runs.
 
-    A module with an explicit cadence runs on it; one without runs whenever a fresh consumer runs, or every
-    step if nothing reads it fresh. A module then only runs where it is live: it is a sink, keeps state,
+    A module with an explicit cadence runs on it; one without runs every step if it is a sink, makes the
+    update (the plan's output, read every step) or nothing reads it fresh, and otherwise whenever a fresh
+    consumer runs. A module then only runs where it is live: it is a sink, keeps state,
     has a carried reader, or a running module reads it fresh.
     """
     g = _fresh_graph(mods, producers)
@@ -326,6 +327,8 @@ def _propagate(mods: dict[str, Module], producers: dict[Quantity, str], window: 
         consumers = sorted(g.successors(lbl))
         if m.cadence is not None:
             mask = m.cadence.mask(window)
+        elif m.sink or any(q.kind == "update" for q in m.outputs()):
+            mask = full
         elif consumers:
             mask = 0
             for c in consumers:

@@ -99,6 +99,7 @@ class CG(Module):
         tol: relative residual tolerance ``‖r‖ / ‖g‖``.
         maxiter: iteration cap.
         warm_start: start from the previous step's solution (kept in state).
+        warm_start_decay: start from ζ times the previous solution (Martens' Hessian-free uses ζ ≈ 0.95).
         stabilise_every: recompute the residual every k iterations (0: never).
         precondition: divide residuals by ``max(d, 0) + λ + 1e-8`` where ``d`` is the carried
             ``%precond.diag`` produced by a diagonal preconditioner module.
@@ -112,6 +113,7 @@ class CG(Module):
     tol: float = Field(1e-5, gt=0)
     maxiter: int = Field(20, ge=1)
     warm_start: bool = True
+    warm_start_decay: float = Field(1.0, ge=0.0, le=1.0)
     stabilise_every: int = Field(0, ge=0)
     precondition: bool = False
     cost = 0.0
@@ -138,8 +140,11 @@ class CG(Module):
         if self.precondition:
             d = inputs[q.quantity("precond", "diag")]
             precond = lambda r: jax.tree.map(lambda ri, di: ri / (jnp.maximum(di, 0) + lam + 1e-8), r, d)  # noqa
+        x0 = None
+        if self.warm_start:
+            x0 = state if self.warm_start_decay == 1.0 else jax.tree.map(lambda x: self.warm_start_decay * x, state)
         res = conjugate_gradient(
-            op.damped(lam).mv, g, state if self.warm_start else None, tol=self.tol, maxiter=self.maxiter,
+            op.damped(lam).mv, g, x0, tol=self.tol, maxiter=self.maxiter,
             precond=precond, stabilise_every=self.stabilise_every,
         )
         ctx.report("cg_iters", res.iterations)
