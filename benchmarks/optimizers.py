@@ -144,9 +144,21 @@ METHODS: dict[str, Method] = {
     "gauss_newton_cg": Method(lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind, **_CG), _somax_cg("sgn"),
                               shares=False, note="one linearization per step; nothing to share"),
     "newton_cg": Method(lambda w: cp.presets.newton_cg(**_CG), _somax_cg("newton_cg"), shares=False),
+    "kfac": Method(lambda w: _kfac_modules(), shares=True, note="K-FAC, inverses every 5 (peer: kfac-jax, "
+                   "own venv, `make bench-peers`)"),
     "hutchinson_every_10": Method(lambda w: cp.presets.adahessian_like(hessian_every=10, learning_rate=0.05),
                                   note="Hessian diagonal refreshed every 10 steps"),
 }
+
+
+KFAC = dict(learning_rate=0.1, damping=0.1, inverse_every=5, ema=0.95)
+"""K-FAC settings shared by curvplan's preset and the kfac-jax peer script (benchmarks/peers/kfac_jax_w1.py)."""
+
+
+def _kfac_modules():
+    from curvplan.modules.preconditioners._kfac import kfac
+
+    return kfac(**KFAC)
 
 
 def adamw(w: Workload, learning_rate: float | None = None) -> Runner:

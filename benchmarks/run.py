@@ -115,6 +115,42 @@ def suite_peers(workload: str, steps: int, repeats: int, methods: list[str] | No
     return rows
 
 
+def suite_kfac(steps: int, repeats: int) -> list[dict]:
+    """curvplan K-FAC vs kfac-jax 0.0.8 on W1, alternating processes: each repeat times one in-process
+    curvplan block, then runs the peer script in its venv (which warms up, then times one block)."""
+    import subprocess
+
+    from benchmarks.optimizers import KFAC
+
+    venv = pathlib.Path(__file__).parent.parent / ".venv-kfac" / "bin" / "python"
+    if not venv.exists():
+        return [{"method": "kfac", "workload": "w1", "error": "kfac-jax venv missing: run `make bench-peers`"}]
+    w = get_workload("w1")
+    ours = make_runner("cp:kfac", w)
+    live = measure._Live(ours, w, 0, None)
+    live.run(ours.period + 2)
+    script = pathlib.Path(__file__).parent / "peers" / "kfac_jax_w1.py"
+    cmd = [str(venv), str(script), "--steps", str(steps), "--blocks", "1", "--inverse-every",
+           str(KFAC["inverse_every"]), "--ema", str(KFAC["ema"]), "--damping", str(KFAC["damping"]),
+           "--learning-rate", str(KFAC["learning_rate"])]
+    n = -(-steps // ours.period) * ours.period
+    mine, peer = [], []
+    for rep in range(repeats):
+        mine.append(live.run(n) / n)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        peer.append(json.loads(out.stdout.strip().splitlines()[-1])["sec_per_step"][0])
+        _log(f"repeat {rep + 1}/{repeats}: curvplan {mine[-1] * 1e3:.2f} ms, kfac-jax {peer[-1] * 1e3:.2f} ms")
+
+    def stats(v):
+        return {"samples": v, "median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+
+    a, b = stats(mine), stats(peer)
+    co = measure.cost(ours, w)
+    return [{"method": "kfac", "workload": "w1", "peer": "kfac-jax 0.0.8 (jax 0.9.1, subprocess)",
+             "time_curvplan": a, "time_peer": b, "time_ratio": measure.ratio_stats(a, b),
+             "flops_curvplan": co["flops"], "flops_peer": float("nan"), "phases": ours.n_programs}]
+
+
 def suite_ttt(workload: str, budget: int, seeds: int, methods: list[str], eval_every: int) -> dict:
     """AdamW runs ``budget`` steps per seed; the target is the median over seeds of its held-out loss at 60%
     of the budget; every method then trains up to ``budget`` steps and stops when it reaches the target."""
@@ -273,7 +309,7 @@ QUICK = dict(workload="w1", steps=4, repeats=2, methods=["hutchinson_every_10"])
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["quick", "ablation", "peers", "ttt", "all"])
+    ap.add_argument("suite", choices=["quick", "ablation", "peers", "kfac", "ttt", "all"])
     ap.add_argument("--workload", default="w1")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per block (rounded up to whole periods)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -294,6 +330,8 @@ def main(argv=None) -> dict:
         result["ablation"] = suite_ablation(args.workload, args.steps, args.repeats, args.methods)
     if args.suite in ("peers", "all"):
         result["peers"] = suite_peers(args.workload, args.steps, args.repeats, args.methods)
+    if args.suite in ("kfac", "all"):
+        result["peers"] = result.get("peers", []) + suite_kfac(args.steps, args.repeats)
     if args.suite in ("ttt", "all"):
         result["ttt"] = []
         for wl, budget, every in (("w1", 600, 20), ("w4", 1500, 50)):

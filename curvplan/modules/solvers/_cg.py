@@ -44,6 +44,7 @@ def conjugate_gradient(
         >>> [round(float(v), 4) for v in res.x], int(res.iterations)
         ([0.0909, 0.6364], 2)
     """
+    plain = precond is None
     precond = precond or (lambda r: r)
     x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
     r = jax.tree.map(jnp.subtract, b, matvec(x)) if x0 is not None else b
@@ -52,22 +53,25 @@ def conjugate_gradient(
     bound = tol**2 * jnp.maximum(bb, tiny)
     z = precond(r)
     rz = tree_vdot(r, z)
+    rr = rz if plain else tree_vdot(r, r)
     eps = jnp.finfo(jnp.result_type(bb)).eps
 
+    # The loop carries r·r (equal to r·z without a preconditioner) so the stopping test costs nothing; on
+    # non-positive curvature alpha is 0, which leaves x and r unchanged, and the loop ends.
     def cond(c):
-        x, r, z, p, rz, k, neg = c
-        return (k < maxiter) & (tree_vdot(r, r) > bound) & ~neg
+        x, r, z, p, rz, rr, k, neg = c
+        return (k < maxiter) & (rr > bound) & ~neg
 
     def body(c):
-        x, r, z, p, rz, k, neg = c
+        x, r, z, p, rz, rr, k, neg = c
         ap = matvec(p)
         pap = tree_vdot(p, ap)
         neg_now = pap <= eps * jnp.maximum(tree_vdot(p, p), tiny)
-        alpha = rz / jnp.where(neg_now, 1.0, pap)
+        alpha = jnp.where(neg_now, 0.0, rz / jnp.where(neg_now, 1.0, pap))
         x_new = tree_add_scaled(x, alpha, p)
         r_new = tree_add_scaled(r, -alpha, ap)
         if stabilise_every and 0 < stabilise_every < maxiter:
-            restart = (k + 1) % stabilise_every == 0
+            restart = ((k + 1) % stabilise_every == 0) & ~neg_now
             r_new = jax.lax.cond(
                 restart, lambda: jax.tree.map(jnp.subtract, b, matvec(x_new)), lambda: r_new
             )
@@ -75,19 +79,17 @@ def conjugate_gradient(
             restart = jnp.asarray(False)
         z_new = precond(r_new)
         rz_new = tree_vdot(r_new, z_new)
+        rr_new = rz_new if plain else tree_vdot(r_new, r_new)
         beta = jnp.where(restart, 0.0, rz_new / jnp.maximum(rz, tiny))
         p_new = tree_add_scaled(z_new, beta, p)
-        keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(neg_now, o, n), old, new)  # noqa: E731
-        return (keep(x, x_new), keep(r, r_new), keep(z, z_new), keep(p, p_new),
-                jnp.where(neg_now, rz, rz_new), k + jnp.where(neg_now, 0, 1), neg_now)
+        return (x_new, r_new, z_new, p_new, rz_new, rr_new, k + jnp.where(neg_now, 0, 1), neg_now)
 
-    init = (x, r, z, z, rz, jnp.zeros((), jnp.int32), jnp.asarray(False))
-    x, r, _, _, _, k, neg = jax.lax.while_loop(cond, body, init)
+    init = (x, r, z, z, rz, rr, jnp.zeros((), jnp.int32), jnp.asarray(False))
+    x, r, _, _, _, rr, k, neg = jax.lax.while_loop(cond, body, init)
     # negative curvature before any progress: return the first search direction p0 = M⁻¹ r0 (Steihaug);
     # a non-finite b propagates, so the step's non-finite guard sees it.
     fallback = (neg & (tree_vdot(x, x) == 0)) | ~jnp.isfinite(bb)
     x = jax.tree.map(lambda xi, pi: jnp.where(fallback, pi, xi), x, z)
-    rr = tree_vdot(r, r)
     rel = jnp.sqrt(rr / jnp.maximum(bb, tiny))
     return CGResult(x, k, rel, rr <= bound, neg)
 
