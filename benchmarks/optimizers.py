@@ -120,45 +120,88 @@ def somax_runner(method: str, w: Workload, **kwargs) -> Runner:
 class Method:
     """A composition to benchmark. ``modules(w)`` builds the curvplan module list; ``peer(w)`` the peer's
     runner with the same settings (or None); ``shares``: whether planning has work to remove (cadences or
-    quantities shared between modules), i.e. whether it belongs in the planning ablation."""
+    quantities shared between modules), i.e. whether it belongs in the planning ablation; ``workload``: where
+    the ablation and peer comparisons run it."""
 
     modules: Callable[[Workload], list]
     peer: Callable[[Workload], Runner] | None = None
     shares: bool = True
+    workload: str = "w1"
     losses: tuple[str, ...] = ("ce", "mse")
     note: str = ""
 
 
-_CG = dict(lam=1.0, tol=1e-5, maxiter=10, warm_start=True)
-
-
-def _somax_cg(method):
-    def peer(w):
-        name = {"sgn": f"sgn_{w.loss_kind}"}.get(method, method)
-        return somax_runner(name, w, lam0=_CG["lam"], tol=_CG["tol"], maxiter=_CG["maxiter"],
-                            warm_start=_CG["warm_start"], learning_rate=1.0)
-    return peer
-
-
-METHODS: dict[str, Method] = {
-    "gauss_newton_cg": Method(lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind, **_CG), _somax_cg("sgn"),
-                              shares=False, note="one linearization per step; nothing to share"),
-    "newton_cg": Method(lambda w: cp.presets.newton_cg(**_CG), _somax_cg("newton_cg"), shares=False),
-    "kfac": Method(lambda w: _kfac_modules(), shares=True, note="K-FAC, inverses every 5 (peer: kfac-jax, "
-                   "own venv, `make bench-peers`)"),
-    "hutchinson_every_10": Method(lambda w: cp.presets.adahessian_like(hessian_every=10, learning_rate=0.05),
-                                  note="Hessian diagonal refreshed every 10 steps"),
-}
-
-
+# Settings shared by each curvplan composition and its peer. CG methods use tol=1e-12 so that both sides run
+# exactly `maxiter` iterations (a per-step time comparison must not depend on where two trajectories stop).
+CG = dict(lam=1.0, tol=1e-12, maxiter=10, warm_start=True)
+SOPHIA = dict(learning_rate=3e-3, hessian_every=10)
+ADAHESSIAN = dict(learning_rate=3e-3, hessian_every=10)
 KFAC = dict(learning_rate=0.1, damping=0.1, inverse_every=5, ema=0.95)
 """K-FAC settings shared by curvplan's preset and the kfac-jax peer script (benchmarks/peers/kfac_jax_w1.py)."""
 
 
-def _kfac_modules():
-    from curvplan.modules.preconditioners._kfac import kfac
+def _somax_loss(w):
+    return {"loss_fn": lambda p, b: w.loss_fn(p, (b["x"], b["y"]))}
 
-    return kfac(**KFAC)
+
+def _somax(method, **kw):
+    def peer(w):
+        name = method.format(loss=w.loss_kind)
+        return somax_runner(name, w, **kw)
+    return peer
+
+
+_SOMAX_CG = dict(lam0=CG["lam"], tol=CG["tol"], maxiter=CG["maxiter"], warm_start=CG["warm_start"],
+                 learning_rate=1.0)
+_SOMAX_SOPHIA = dict(learning_rate=SOPHIA["learning_rate"], eval_every_k=SOPHIA["hessian_every"])
+
+
+def _shampoo_soap(w):
+    """Shampoo (Adam-grafted) and SOAP on one gradient Gram and one eigendecomposition, averaged."""
+    from curvplan.modules import Combine, GradGram, GramEigbasis, Shampoo, Soap, UpdateTail
+
+    gram = GradGram(beta=0.95)
+    return [gram, GramEigbasis(gram=gram.spec, method="eigh", every=10), Shampoo(gram=gram.spec, graft="adam"),
+            Soap(gram=gram.spec, method="eigh"), Combine(sources=("shampoo", "soap")),
+            UpdateTail(learning_rate=3e-3, source="mix")]
+
+
+def _kfac_telemetry(w):
+    """K-FAC plus Hutchinson trace/diagonal telemetry of the Hessian every 10 steps."""
+    from curvplan.modules import Hessian
+
+    return cp.presets.kfac(**KFAC) + [Hessian()] + [
+        m.model_copy(update={"cadence": cp.Cadence(every=10)}) for m in cp.presets.hutchinson_estimates(1)]
+
+
+METHODS: dict[str, Method] = {
+    "gauss_newton_cg": Method(lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind, **CG), _somax("sgn_{loss}", **_SOMAX_CG),
+                              shares=False, note="one linearization per step; nothing to share"),
+    "newton_cg": Method(lambda w: cp.presets.newton_cg(**CG), _somax("newton_cg", **_SOMAX_CG), shares=False),
+    "egn": Method(lambda w: cp.presets.egn(loss=w.loss_kind, lam=1.0), _somax("egn_{loss}", lam0=1.0, learning_rate=1.0),
+                  shares=False),
+    "sophia_h": Method(lambda w: cp.presets.sophia_h(**SOPHIA), _somax("sophia_h", **_SOMAX_SOPHIA)),
+    "sophia_g": Method(lambda w: cp.presets.sophia_g(**SOPHIA), _somax("sophia_g", **_SOMAX_SOPHIA), losses=("ce",)),
+    "adahessian": Method(lambda w: cp.presets.adahessian(**ADAHESSIAN),
+                         _somax("adahessian", learning_rate=ADAHESSIAN["learning_rate"],
+                                eval_every_k=ADAHESSIAN["hessian_every"])),
+    "levenberg_marquardt": Method(
+        lambda w: cp.presets.levenberg_marquardt(loss=w.loss_kind, rho_every=5, lam0=CG["lam"], tol=CG["tol"],
+                                                 maxiter=CG["maxiter"]),
+        _somax("sgn_{loss}", **{**_SOMAX_CG, "lam_policy": "trust_region", "lam_kwargs": {"every_k": 5},
+                                "record_rho_every_k": 5}),
+        workload="w4", note="rho every 5 steps"),
+    "hessian_free": Method(lambda w: cp.presets.hessian_free(loss=w.loss_kind, maxiter=10), workload="w4"),
+    "kfac": Method(lambda w: cp.presets.kfac(**KFAC), note="peer: kfac-jax, own venv (`make bench-peers`)"),
+    "kfac+hutchinson": Method(_kfac_telemetry, note="K-FAC + Hessian trace/diagonal telemetry every 10"),
+    "shampoo": Method(lambda w: cp.presets.shampoo(learning_rate=3e-3, root_every=10)),
+    "soap": Method(lambda w: cp.presets.soap(learning_rate=3e-3, precondition_frequency=10)),
+    "shampoo+soap": Method(_shampoo_soap, note="one Gram, one eigendecomposition every 10"),
+    "scao": Method(lambda w: cp.presets.scao_modules(learning_rate=3e-3, warmup_steps=20, precond_freq=10,
+                                                     weight_decay=0.0)),
+    "hutchinson_every_10": Method(lambda w: cp.presets.adahessian_like(hessian_every=10, learning_rate=0.05),
+                                  note="Hessian diagonal refreshed every 10 steps"),
+}
 
 
 def adamw(w: Workload, learning_rate: float | None = None) -> Runner:

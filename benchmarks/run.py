@@ -67,19 +67,25 @@ def explain(planned, unplanned) -> list[str]:
 
 
 # -- suites -------------------------------------------------------------------------------------------------
-def suite_ablation(workload: str, steps: int, repeats: int, methods: list[str] | None = None) -> list[dict]:
-    w = get_workload(workload)
-    names = [m for m in (methods or METHODS) if METHODS[m].shares and w.loss_kind in METHODS[m].losses]
+def _workload(m: str, override: str | None):
+    return get_workload(override or METHODS[m].workload)
+
+
+def suite_ablation(workload: str | None, steps: int, repeats: int, methods: list[str] | None = None) -> list[dict]:
+    names = [m for m in (methods or METHODS) if METHODS[m].shares]
     rows = []
     for i, m in enumerate(names):
-        _progress(i, len(names), f"ablation {m} on {workload}")
+        w = _workload(m, workload)
+        if w.loss_kind not in METHODS[m].losses:
+            continue
+        _progress(i, len(names), f"ablation {m} on {w.name}")
         a, b = make_runner(f"cp:{m}", w), make_runner(f"cp:{m}:unplanned", w)
         times = measure.interleaved_step_times({"planned": a, "unplanned": b}, w, steps=steps, repeats=repeats,
                                                progress=_log)
         ca, cb = measure.cost(a, w), measure.cost(b, w)
         low = measure.unplanned_flops_lower_bound(b, w, range(a.plan.prefix, a.plan.prefix + a.plan.period))
         rows.append({
-            "method": m, "workload": workload, "period": a.period, "phases": a.n_programs,
+            "method": m, "workload": w.name, "period": a.period, "phases": a.n_programs,
             "time_planned": times["planned"], "time_unplanned": times["unplanned"],
             "time_ratio": measure.ratio_stats(times["planned"], times["unplanned"]),
             "flops_planned": ca["flops"], "flops_unplanned_xla": cb["flops"], "flops_unplanned_lower": low,
@@ -91,23 +97,25 @@ def suite_ablation(workload: str, steps: int, repeats: int, methods: list[str] |
     return rows
 
 
-def suite_peers(workload: str, steps: int, repeats: int, methods: list[str] | None = None) -> list[dict]:
-    w = get_workload(workload)
-    names = [m for m in (methods or METHODS) if METHODS[m].peer is not None and w.loss_kind in METHODS[m].losses]
+def suite_peers(workload: str | None, steps: int, repeats: int, methods: list[str] | None = None) -> list[dict]:
+    names = [m for m in (methods or METHODS) if METHODS[m].peer is not None]
     rows = []
     for i, m in enumerate(names):
-        _progress(i, len(names), f"peers {m} on {workload}")
+        w = _workload(m, workload)
+        if w.loss_kind not in METHODS[m].losses:
+            continue
+        _progress(i, len(names), f"peers {m} on {w.name}")
         try:
             peer = make_runner(f"peer:{m}", w)
         except ImportError as e:
-            rows.append({"method": m, "workload": workload, "error": f"peer not installed: {e}"})
+            rows.append({"method": m, "workload": w.name, "error": f"peer not installed: {e}"})
             continue
         ours = make_runner(f"cp:{m}", w)
         times = measure.interleaved_step_times({"curvplan": ours, "peer": peer}, w, steps=steps, repeats=repeats,
                                                progress=_log)
         co, cpeer = measure.cost(ours, w), measure.cost(peer, w)
         rows.append({
-            "method": m, "workload": workload, "peer": peer.label, "time_curvplan": times["curvplan"],
+            "method": m, "workload": w.name, "peer": peer.label, "time_curvplan": times["curvplan"],
             "time_peer": times["peer"], "time_ratio": measure.ratio_stats(times["curvplan"], times["peer"]),
             "flops_curvplan": co["flops"], "flops_peer": cpeer["flops"], "phases": ours.n_programs,
         })
@@ -310,7 +318,7 @@ QUICK = dict(workload="w1", steps=4, repeats=2, methods=["hutchinson_every_10"])
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", choices=["quick", "ablation", "peers", "kfac", "ttt", "all"])
-    ap.add_argument("--workload", default="w1")
+    ap.add_argument("--workload", default=None, help="override each method's workload")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per block (rounded up to whole periods)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=None)

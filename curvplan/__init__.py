@@ -38,6 +38,9 @@ _LAZY = {
     "as_optax": ("curvplan.runtime", "as_optax"),
     "save": ("curvplan.runtime", "save"),
     "restore": ("curvplan.runtime", "restore"),
+    "discover_layers": ("curvplan.runtime", "discover_layers"),
+    "LayerReport": ("curvplan.runtime", "LayerReport"),
+    "scao": ("curvplan.runtime", "scao"),
 }
 
 

@@ -6,7 +6,7 @@ implementation under the same name in `curvplan.lowering`).
 
 >>> from curvplan.ir import PROVIDERS
 >>> sorted(PROVIDERS)
-['layer_io', 'linearize_grad', 'linearize_model', 'loss_only', 'value_and_grad']
+['layer_io', 'linearize_grad', 'linearize_model', 'loss_only', 'per_example_grads', 'value_and_grad']
 >>> PROVIDERS["linearize_grad"].cost
 2.5
 """
@@ -55,10 +55,13 @@ for _rule in (
     ProviderRule("linearize_grad", frozenset({q.loss(), q.grad(), q.hvp_op("hessian")}), 2.5),
     ProviderRule(
         "linearize_model",
-        frozenset({q.loss(), q.grad(), q.outputs(), q.ggn_op("mse"), q.ggn_op("ce"), q.fisher_op("sampled")}),
+        frozenset({q.loss(), q.grad(), q.outputs(), q.ggn_op("mse"), q.ggn_op("ce"), q.fisher_op("sampled"),
+                   q.quantity("model_lin")}),
         1.3,
         (q.params(), q.batch(), q.rng()),
     ),
     ProviderRule("layer_io", frozenset({q.loss(), q.grad(), q.activations(), q.out_cotangents()}), 1.1),
+    # per-example gradients (vmap of grad over the batch): the empirical Fisher (1/B) Σ_b g_b g_bᵀ
+    ProviderRule("per_example_grads", frozenset({q.loss(), q.grad(), q.fisher_op("empirical")}), 1.6),
 ):
     register_provider(_rule)

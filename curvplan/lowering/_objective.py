@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
+from curvplan.lowering._layers import LayerArrays, capture, discover_layers
 from curvplan.modules._base import LinearOperator
 
 LossKind = Literal["mse", "ce"]
@@ -123,15 +124,116 @@ def _linearize_model(obj: Objective, params, batch, rng):
         vals[q.ggn_op("mse")] = LinearOperator(ggn_mse, "ggn_mse")
     else:
         vals[q.ggn_op("ce")] = LinearOperator(ggn_ce, "ggn_ce")
+    vjp = lambda u: f_vjp(u)[0]  # noqa: E731
+    lin = ModelLinearization(outputs, y, f_jvp, vjp, obj.loss_kind, r * n)
+    vals[q.quantity("model_lin")] = lin
+    vals[q.fisher_op("sampled")] = FisherSampler(lin)
     return vals
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class ModelLinearization:
+    """The value of ``%model_lin``: the model linearized at the current params on the batch.
+
+    ``jvp(v)`` is J v (shaped like ``outputs``), ``vjp(u)`` is Jᵀ u (shaped like params), ``residual`` is the
+    per-example ∂ℓ_b/∂F_b (so that the mean-loss gradient is ``vjp(residual) / B``). A pytree whose leaves are
+    the arrays (the closures ride along as static data and are only valid inside the step that made them).
+    """
+
+    outputs: Any
+    targets: Any
+    jvp: Callable[[Any], Any]
+    vjp: Callable[[Any], Any]
+    loss_kind: str
+    residual: Any
+
+    def tree_flatten(self):
+        return (self.outputs, self.targets, self.residual), (self.jvp, self.vjp, self.loss_kind)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        outputs, targets, residual = children
+        jvp, vjp, loss_kind = aux
+        return cls(outputs, targets, jvp, vjp, loss_kind, residual)
+
+
+@jax.tree_util.register_pytree_node_class
+class FisherSampler:
+    """The value of ``%fisher_op.sampled``: gradients at targets sampled from the model's predictive.
+
+    CE: ŷ_b ~ Cat(softmax F_b), e_b = p_b − onehot(ŷ_b); MSE: ŷ_b ~ N(F_b, I), e_b = F_b − ŷ_b. Then
+    E[e_b e_bᵀ] = Λ_b, so ``grads(key, S)`` (S draws of ĝ = Jᵀe / B) gives B·E[ĝ⊙ĝ] = diag(GGN) and
+    ``operator(key)`` (v ↦ Jᵀ(e ⊙ (e·Jv)) / B, one draw per example) is unbiased for the GGN.
+    """
+
+    def __init__(self, lin: ModelLinearization):
+        self.lin = lin
+
+    @property
+    def batch_size(self) -> int:
+        return self.lin.outputs.shape[0]
+
+    def tree_flatten(self):
+        return (self.lin,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def residuals(self, key: jax.Array, num: int) -> jax.Array:
+        """``num`` draws of the per-example residuals e, shape (num, *outputs.shape)."""
+        out = jax.lax.stop_gradient(self.lin.outputs)
+        if self.lin.loss_kind == "ce":
+            ys = jax.random.categorical(key, out, axis=-1, shape=(num,) + out.shape[:-1])
+            return jax.nn.softmax(out, axis=-1)[None] - jax.nn.one_hot(ys, out.shape[-1], dtype=out.dtype)
+        return -jax.random.normal(key, (num,) + out.shape, out.dtype)
+
+    def grads(self, key: jax.Array, num: int) -> Any:
+        """``num`` sampled-label mean gradients ĝ_s = Jᵀ e_s / B, stacked on a leading axis."""
+        return jax.vmap(self.lin.vjp)(self.residuals(key, num) / self.batch_size)
+
+    def operator(self, key: jax.Array) -> LinearOperator:
+        """The one-sample Monte-Carlo Fisher v ↦ (1/B) Σ_b J_bᵀ e_b (e_b · J_b v)."""
+        e = self.residuals(key, 1)[0]
+        e2 = e.reshape(self.batch_size, -1)
+
+        def mv(v):
+            u = self.lin.jvp(v).reshape(e2.shape)
+            w = e2 * jnp.sum(e2 * u, axis=-1, keepdims=True)
+            return self.lin.vjp((w / self.batch_size).reshape(e.shape))
+
+        return LinearOperator(mv, "fisher_sampled")
+
+
+def _per_example_grads(obj: Objective, params, batch, rng):
+    """Per-example losses and gradients by vmap over the leading (example) axis of every batch leaf.
+
+    The loss of a one-example batch is ℓ_b for a mean-reduced loss, so the mean of the per-example values is
+    the minibatch loss / gradient. Provides the empirical Fisher E v = (1/B) Σ_b g_b (g_b · v).
+    """
+    one = lambda b: jax.value_and_grad(obj.loss)(params, jax.tree.map(lambda x: x[None], b))  # noqa: E731
+    losses, gs = jax.vmap(one)(batch)
+    n = losses.shape[0]
+    g = jax.tree.map(lambda x: jnp.mean(x, axis=0), gs)
+
+    def fisher_mv(v):
+        dots = sum(jnp.tensordot(a, b, axes=b.ndim) for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(v)))
+        return jax.tree.map(lambda a: jnp.tensordot(dots, a, axes=1) / n, gs)
+
+    fisher = LinearOperator(fisher_mv, "fisher_empirical")
+    return {q.loss(): jnp.mean(losses), q.grad(): g, q.fisher_op("empirical"): fisher}
+
+
 def _layer_io(obj: Objective, params, batch, rng):
-    raise LoweringError(
-        "the layer_io provider (layer inputs and output cotangents) is not implemented yet",
-        where="provider layer_io",
-        fix="use modules that need grad / hvp_op / ggn_op only, until layer discovery lands",
-    )
+    """One backward pass for loss, grad, layer inputs and output cotangents (`curvplan.lowering._layers`).
+
+    The two dicts are `LayerArrays` (plain dicts with ``.report``, the `LayerReport` naming each layer's
+    matrix layout, its bias and the leaves discovery could not handle)."""
+    report = discover_layers(obj.loss, params, batch)
+    loss, g, acts, cots = capture(obj.loss, report, params, batch)
+    return {q.loss(): loss, q.grad(): g, q.activations(): LayerArrays(acts, report),
+            q.out_cotangents(): LayerArrays(cots, report)}
 
 
 PROVIDER_IMPLS: dict[str, Callable[..., dict]] = {
@@ -140,6 +242,7 @@ PROVIDER_IMPLS: dict[str, Callable[..., dict]] = {
     "linearize_grad": _linearize_grad,
     "linearize_model": _linearize_model,
     "layer_io": _layer_io,
+    "per_example_grads": _per_example_grads,
 }
 
 

@@ -27,6 +27,28 @@ from curvplan.modules import (
 )
 
 
+from curvplan.modules._presets_second_order import (
+    adahessian,
+    egn,
+    ggn_direct,
+    hutchinson_estimates,
+    newton_direct,
+    sophia_g,
+    sophia_h,
+)
+from curvplan.modules.geometry._presets import adaptive_schatten, muadam, muon, scion
+from curvplan.modules.preconditioners._kfac import kfac
+from curvplan.modules.preconditioners._scao import scao_modules
+from curvplan.modules.preconditioners._shampoo import shampoo
+from curvplan.modules.preconditioners._soap import soap
+
+__all__ = [
+    "newton_cg", "newton_direct", "gauss_newton_cg", "egn", "ggn_direct", "adahessian", "adahessian_like",
+    "sophia_h", "sophia_g", "levenberg_marquardt", "hessian_free", "hutchinson_estimates", "kfac",
+    "shampoo", "soap", "scao_modules", "muon", "scion", "adaptive_schatten", "muadam",
+]
+
+
 def _cg_method(curvature: Module, learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm):
     return [
         curvature,

@@ -50,7 +50,7 @@ class DiagEMA(Module):
         contrib = d if self.mode == "sophia" else jax.tree.map(jnp.square, d)
         v = jax.tree.map(lambda a, b: self.beta * a + (1 - self.beta) * b, state.v, contrib)
         count = state.count + 1
-        bc = jnp.maximum(1 - self.beta ** count.astype(jnp.float32), 1e-8)
+        bc = jnp.maximum(1 - self.beta ** count.astype(jnp.result_type(float)), 1e-8)
         return {precond_diag(): jax.tree.map(lambda x: x / bc, v)}, DiagEMAState(v, count)
 
 
@@ -83,7 +83,7 @@ class DiagonalDirection(Module):
         g, v = inputs[q.grad()], inputs[precond_diag()]
         m = jax.tree.map(lambda a, b: self.beta1 * a + (1 - self.beta1) * b, state.v, g)
         count = state.count + 1
-        mhat = jax.tree.map(lambda x: x / (1 - self.beta1 ** count.astype(jnp.float32)), m)
+        mhat = jax.tree.map(lambda x: x / (1 - self.beta1 ** count.astype(jnp.result_type(float))), m)
         if self.mode == "adahessian":
             s = jax.tree.map(lambda a, b: a / (jnp.maximum(b, 0) ** (self.power / 2) + self.eps), mhat, v)
         else:

@@ -1,5 +1,6 @@
-"""Update transforms: turn a direction into the parameter update."""
+"""Update transforms: combine directions, and turn a direction into the step's ``%update``."""
 
+from curvplan.modules.transforms._combine import Combine
 from curvplan.modules.transforms._tail import UpdateTail
 
-__all__ = ["UpdateTail"]
+__all__ = ["Combine", "UpdateTail"]

@@ -1,0 +1,315 @@
+"""K-FAC (ALGORITHMS.md §6.1): Kronecker factors from layer inputs and output cotangents, eigendecompositions
+refreshed every k steps, and the per-layer preconditioned direction.
+
+For a layer seen as a (d_in, d_out) matrix W (outputs = a @ W, conv: im2col patches), over N rows:
+
+- ``A = (1/N) Σ ā āᵀ`` with ā = [a, 1] when the layer has a bias (homogeneous coordinate), else ā = a;
+- ``Γ = (1/N) Σ (N δ)(N δ)ᵀ`` where δ are the output cotangents of the mean loss (``N δ`` is the cotangent of
+  the row's own loss term when the loss averages over the N rows), i.e. the empirical Fisher with true labels.
+
+Factors are averaged with weight ``ema`` (value = Σ ema^i x_i / Σ ema^i, no separate bias correction). The
+direction solves ``(A ⊗ Γ + γ I) vec(U) = vec(∇)`` exactly in the factors' eigenbases (``damping_mode="exact"``)
+or ``(Â ⊗ Γ̂) vec(U) = vec(∇)`` with π-adjusted Tikhonov damping Â = A + π√γ I, Γ̂ = Γ + √γ/π I (``"pi"``).
+
+The factor state is allocated at ``init`` from parameter shapes alone (no batch is available then): every leaf
+with two or more axes gets blocks for d_out = ``shape[out_axis]``, d_in = size / d_out (``out_axis=-1`` for flax
+/ plain ``x @ W`` / HWIO convolutions, ``0`` for equinox / torch layouts). A discovered layer whose matrix shape
+does not match, and every leaf discovery could not handle, uses the fallback (``identity``: the gradient itself,
+``diagonal``: ``g / (EMA(g²) + γ)``); their count is reported as ``kfac_fallback_leaves``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from curvplan.ir import carried, fresh
+from curvplan.ir import quantities as q
+from curvplan.ir._errors import LoweringError
+from curvplan.modules._base import Module
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def kfac_factors() -> q.Quantity:
+    """``%kron.kfac``: per layer (A, Γ) as used by the inverse refresh."""
+    return q.kron("kfac")
+
+
+def kfac_eigbasis() -> q.Quantity:
+    """``%eigbasis.kfac``: per layer eigendecompositions of the damped-ready factors (carried)."""
+    return q.eigbasis(kfac_factors())
+
+
+def _dtype():
+    return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+
+def _blocks(params, out_axis: int) -> dict[str, tuple[int, int]]:
+    """Leaf key -> (d_in, d_out) of the state blocks, from shapes only."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            d_out = jnp.shape(leaf)[out_axis]
+            out[jax.tree_util.keystr(path)] = (int(jnp.size(leaf)) // d_out, d_out)
+    return out
+
+
+def _report(acts, module: str):
+    report = getattr(acts, "report", None)
+    if report is None:
+        raise LoweringError(
+            "K-FAC needs the layer report that comes with %activations from the layer_io provider",
+            where=f"module `{module}`, quantity %activations",
+            fix="let the planner pick the `layer_io` provider (do not give %activations from another module)",
+        )
+    return report
+
+
+def _covered(report, blocks) -> dict[str, Any]:
+    """Discovered layers whose matrix shape matches the state blocks."""
+    return {k: l for k, l in report.layers.items() if blocks.get(k) == (l.d_in, l.d_out)}
+
+
+class KFACFactorsState(NamedTuple):
+    sums: dict[str, tuple[jax.Array, jax.Array]]  # key -> (A sum (d_in+1)², Γ sum d_out²)
+    weight: jax.Array
+
+
+class KFACFactors(Module):
+    """Moving averages of the K-FAC factors, produced as ``%kron.kfac`` (key -> (A, Γ)); see the module doc.
+
+    >>> from curvplan.modules.preconditioners._kfac import KFACFactors
+    >>> [u.quantity.name for u in KFACFactors().uses()]
+    ['%activations', '%out_cotangents']
+    """
+
+    kind: Literal["kfac_factors"] = "kfac_factors"
+    ema: float = Field(0.95, ge=0.0, lt=1.0)
+    out_axis: Literal[-1, 0] = -1
+    cost = 0.2
+    sink = True  # the averages must see every step's statistics, whether or not a refresh reads them
+    state_fields = ("sums", "weight")
+
+    def consumes(self):
+        return (fresh(q.activations()), fresh(q.out_cotangents()))
+
+    def produces(self):
+        return (kfac_factors(),)
+
+    def init(self, params, ctx):
+        dt = _dtype()
+        sums = {k: (jnp.zeros((i + 1, i + 1), dt), jnp.zeros((o, o), dt)) for k, (i, o) in _blocks(params, self.out_axis).items()}
+        return KFACFactorsState(sums, jnp.zeros((), dt))
+
+    def apply(self, inputs, state, ctx):
+        acts, cots = inputs[q.activations()], inputs[q.out_cotangents()]
+        blocks = {k: (A.shape[0] - 1, G.shape[0]) for k, (A, G) in state.sums.items()}
+        layers = _covered(_report(acts, ctx.module), blocks)
+        sums, out = dict(state.sums), {}
+        weight = self.ema * state.weight + 1.0
+        for key, layer in layers.items():
+            a, d = acts[key].astype(weight.dtype), cots[key].astype(weight.dtype)
+            n = a.shape[0]
+            a = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)  # homogeneous column (always kept)
+            A = jnp.matmul(a.T, a, precision=_HI) / n
+            G = jnp.matmul(d.T, d, precision=_HI) * n
+            A, G = 0.5 * (A + A.T), 0.5 * (G + G.T)
+            sA, sG = state.sums[key]
+            sums[key] = (self.ema * sA + A, self.ema * sG + G)
+            A_avg, G_avg = sums[key][0] / weight, sums[key][1] / weight
+            out[key] = (A_avg if layer.bias else A_avg[:-1, :-1], G_avg)
+        return {kfac_factors(): _Factors(out, acts.report)}, KFACFactorsState(sums, weight)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Factors(dict):
+    """key -> (A, Γ) with the layer report attached (``.report``)."""
+
+    def __init__(self, items, report):
+        super().__init__(items)
+        self.report = report
+
+    def tree_flatten(self):
+        keys = tuple(sorted(self))
+        return tuple(self[k] for k in keys), (keys, self.report)
+
+    @classmethod
+    def tree_unflatten(cls, aux, values):
+        return cls(dict(zip(aux[0], values)), aux[1])
+
+
+def _safe_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lam, vec = jnp.linalg.eigh(0.5 * (m + m.T), symmetrize_input=False)
+    return jnp.maximum(lam, 0.0), vec
+
+
+class KFACInverseState(NamedTuple):
+    bases: dict  # the last good value of %eigbasis.kfac
+    failures: jax.Array
+
+
+class KFACInverse(Module):
+    """Eigendecompositions of the K-FAC factors, refreshed on its cadence (``every=k``) into the carried
+    ``%eigbasis.kfac``: ``{"count": refreshes, "layers": key -> (Q_A, λ_A, Q_Γ, λ_Γ)}`` (eigenvalues clipped
+    at 0; layers without a bias pad A's unused homogeneous slot with an identity block). A refresh that is not
+    finite keeps the previous bases and is counted in ``kfac_inverse_failures``.
+
+    >>> from curvplan.modules.preconditioners._kfac import KFACInverse
+    >>> str(KFACInverse(every=5).cadence)
+    '@every(5)'
+    """
+
+    kind: Literal["kfac_inverse"] = "kfac_inverse"
+    out_axis: Literal[-1, 0] = -1
+    cost = 0.5
+    state_fields = ("bases", "failures")
+    info_fields = (("kfac_inverse_failures", "int"),)
+
+    def consumes(self):
+        return (fresh(kfac_factors()),)
+
+    def produces(self):
+        return (kfac_eigbasis(),)
+
+    def init(self, params, ctx):
+        return KFACInverseState(self.init_carried(None, params, ctx), jnp.zeros((), jnp.int32))
+
+    def init_carried(self, qv, params, ctx):
+        dt = _dtype()
+        layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.zeros(i + 1, dt), jnp.eye(o, dtype=dt), jnp.zeros(o, dt))
+                  for k, (i, o) in _blocks(params, self.out_axis).items()}
+        return {"count": jnp.zeros((), jnp.int32), "layers": layers}
+
+    def apply(self, inputs, state, ctx):
+        factors = inputs[kfac_factors()]
+        layers, finite = dict(state.bases["layers"]), jnp.array(True)
+        for key, (A, G) in factors.items():
+            lA, QA = _safe_eigh(A)
+            lG, QG = _safe_eigh(G)
+            pad = layers[key][0].shape[0] - A.shape[0]
+            if pad:
+                QA = jax.scipy.linalg.block_diag(QA, jnp.eye(pad, dtype=QA.dtype))
+                lA = jnp.concatenate([lA, jnp.zeros(pad, lA.dtype)])
+            layers[key] = (QA, lA, QG, lG)
+            finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (QA, lA, QG, lG)]))
+        new = {"count": state.bases["count"] + 1, "layers": layers}
+        bases = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.bases)
+        failures = state.failures + (~finite).astype(jnp.int32)
+        ctx.report("kfac_inverse_failures", failures)
+        return {kfac_eigbasis(): bases}, KFACInverseState(bases, failures)
+
+
+class KFACDirection(Module):
+    """The K-FAC direction ``%direction.kfac``: per covered layer U solving (A ⊗ Γ + γ I) vec U = vec ∇
+    (``damping_mode="exact"``) or with π-adjusted damping (``"pi"``), from the carried eigenbases; other leaves
+    use ``fallback``. Until the first refresh (``burnin``) the covered layers' directions are zero.
+
+    >>> from curvplan.modules.preconditioners._kfac import KFACDirection
+    >>> [u.quantity.name for u in KFACDirection().uses()]
+    ['%grad', '%eigbasis.kfac', '%activations']
+    """
+
+    kind: Literal["kfac_direction"] = "kfac_direction"
+    damping: float = Field(1e-3, gt=0)
+    damping_mode: Literal["pi", "exact"] = "pi"
+    fallback: Literal["identity", "diagonal"] = "identity"
+    fallback_ema: float = Field(0.99, ge=0.0, lt=1.0)
+    out_axis: Literal[-1, 0] = -1
+    cost = 0.1
+    state_fields = ("v", "count")
+    info_fields = (("kfac_layers", "int"), ("kfac_fallback_leaves", "int"))
+
+    def consumes(self):
+        return (fresh(q.grad()), carried(kfac_eigbasis()), fresh(q.activations()))
+
+    def produces(self):
+        return (q.direction("kfac"),)
+
+    def init(self, params, ctx):
+        return (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+
+    def apply(self, inputs, state, ctx):
+        g = inputs[q.grad()]
+        basis = inputs[kfac_eigbasis()]
+        report = _report(inputs[q.activations()], ctx.module)
+        layers = _covered(report, _blocks(g, self.out_axis))
+        v, count = state
+        count = count + 1
+        v = jax.tree.map(lambda a, x: self.fallback_ema * a + (1 - self.fallback_ema) * jnp.square(x), v, g)
+        bc = 1 - self.fallback_ema ** count.astype(_dtype())
+
+        def fb(x, vi):
+            return x if self.fallback == "identity" else x / (vi / bc + self.damping)
+
+        u = jax.tree.map(fb, g, v)
+        flat_g = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
+        solved: dict[str, jax.Array] = {}
+        ready = basis["count"] > 0
+        for key, layer in layers.items():
+            QA, lA, QG, lG = basis["layers"][key]
+            grad_m = layer.to_matrix(flat_g[key]).astype(QA.dtype)
+            n = layer.d_in
+            if layer.bias:
+                grad_m = jnp.concatenate([grad_m, flat_g[layer.bias][layer.bias_index][None].astype(QA.dtype)], 0)
+                n += 1
+            QA, lA = QA[:n, :n], lA[:n]
+            U = self.solve(QA, lA, QG, lG, grad_m)
+            solved[key] = jnp.where(ready, layer.from_matrix(U[: layer.d_in]), 0.0).astype(flat_g[key].dtype)
+            if layer.bias:
+                b = jnp.zeros_like(flat_g[layer.bias]).reshape(-1).at[layer.bias_index].set(U[-1])
+                solved[layer.bias] = jnp.where(ready, b.reshape(flat_g[layer.bias].shape), 0.0)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(u)
+        leaves = [solved.get(jax.tree_util.keystr(p), x) for p, x in paths]
+        ctx.report("kfac_layers", len(layers))
+        ctx.report("kfac_fallback_leaves", len(leaves) - len(solved))
+        return {q.direction("kfac"): jax.tree.unflatten(treedef, leaves)}, (v, count)
+
+    def solve(self, QA, lA, QG, lG, grad_m):
+        """U with (A ⊗ Γ + damping) vec U = vec ∇ for A = Q_A diag(λ_A) Q_Aᵀ, Γ likewise (row-major vec)."""
+        V = jnp.matmul(jnp.matmul(QA.T, grad_m, precision=_HI), QG, precision=_HI)
+        if self.damping_mode == "exact":
+            V = V / (lA[:, None] * lG[None, :] + self.damping)
+        else:
+            tA, tG = jnp.mean(lA), jnp.mean(lG)
+            pi = jnp.where((tA > 0) & (tG > 0), jnp.sqrt(tA / jnp.where(tG > 0, tG, 1.0)), 1.0)
+            s = jnp.sqrt(self.damping)
+            V = V / ((lA + pi * s)[:, None] * (lG + s / pi)[None, :])
+        return jnp.matmul(jnp.matmul(QA, V, precision=_HI), QG.T, precision=_HI)
+
+
+def kfac(
+    learning_rate: Any = 0.1,
+    *,
+    damping: float = 0.1,
+    inverse_every: int = 5,
+    ema: float = 0.95,
+    damping_mode: Literal["pi", "exact"] = "pi",
+    fallback: Literal["identity", "diagonal"] = "identity",
+    out_axis: Literal[-1, 0] = -1,
+    burnin: int = 0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> list[Module]:
+    """K-FAC: factors every step, eigendecompositions every ``inverse_every`` steps (first at ``burnin``),
+    π-adjusted damping, then ``-lr·U`` through `UpdateTail`. Before the first refresh (the ``burnin`` steps, which
+    still accumulate factors) the covered layers do not move.
+
+    >>> import curvplan as cp
+    >>> from curvplan.modules.preconditioners._kfac import kfac
+    >>> cp.compile_plan(kfac(inverse_every=3)).period
+    3
+    """
+    from curvplan.modules.transforms import UpdateTail
+
+    return [
+        KFACFactors(ema=ema, out_axis=out_axis, every=1),
+        KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis),
+        KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis),
+        UpdateTail(learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
+                   clip_norm=clip_norm),
+    ]

@@ -1,0 +1,201 @@
+"""Shampoo: P = L̃^(-1/4) G R̃^(-1/4) per matrix block, from the shared eigendecomposition, with grafting.
+
+>>> import curvplan as cp
+>>> from curvplan.modules.preconditioners._shampoo import shampoo
+>>> print(cp.compile_plan(shampoo(root_every=10, start_preconditioning_step=5), name="shampoo"))
+... # doctest: +ELLIPSIS
+plan shampoo: 2 phases, prefix 5, period 10
+...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from curvplan.ir import carried, fresh
+from curvplan.ir import quantities as q
+from curvplan.modules._base import Module
+from curvplan.modules.preconditioners._grad_gram import (
+    Eigbasis,
+    Eigen,
+    GradGram,
+    GramConsumer,
+    GramEigbasis,
+    Spec,
+    assemble,
+    blocks_of,
+    count_fallback,
+    eigbasis_of,
+    gram_layout,
+    mm,
+    stat_dtype,
+)
+from curvplan.modules.transforms import UpdateTail
+
+
+def inverse_root(e: Eigen, exponent: float = 4.0, epsilon: float = 1e-6, epsilon_abs: float = 0.0) -> jax.Array:
+    """``(A + (ε·λ_max(A) + ε_abs) I)^(-1/exponent)`` from A's eigendecomposition ``e`` (relative floor).
+
+    >>> import jax.numpy as jnp
+    >>> from curvplan.modules.preconditioners._grad_gram import Eigen
+    >>> e = Eigen(jnp.eye(2), jnp.array([16.0, 1.0]), jnp.arange(2))
+    >>> [round(float(x), 4) for x in jnp.diag(inverse_root(e, epsilon=0.0))]
+    [0.5, 1.0]
+    """
+    floor = epsilon * jnp.max(e.lam) + epsilon_abs
+    w = (e.lam + floor) ** (-1.0 / exponent)
+    return mm(e.Q * w[None, :], e.Q.T)
+
+
+class ShampooState(NamedTuple):
+    roots: Any
+    seen: jax.Array
+    failures: jax.Array
+    graft: Any
+    count: jax.Array
+
+
+class Shampoo(GramConsumer):
+    """Shampoo direction ``%direction.shampoo`` from the carried ``%eigbasis.grad_gram``.
+
+    Per matrix block, P = L̃^(-1/exponent) G R̃^(-1/exponent) with L̃ = L + (ε·λ_max + ε_abs) I. The roots
+    are recomputed when the eigendecomposition was refreshed (its ``count`` changed); a root that is not finite
+    keeps the previous one and is counted (``shampoo_root_failures``). With grafting, each block is rescaled to
+    the norm of the graft direction D: (‖D‖/‖P‖)·P, where D is ``g`` (``"sgd"``), ``g/(√Σg² + eps)``
+    (``"adagrad"``) or ``g/(√v̂ + eps)`` with v̂ the bias-corrected EMA of g² (``"adam"``; momentum comes from the
+    update tail). Vectors and matrices that `GradGram` leaves to the diagonal fallback use D (reported as
+    ``shampoo_fallback_leaves``); before the first refresh every leaf uses D (``start_preconditioning_step``).
+
+    Args:
+        gram: settings of the factors (`GradGram.spec`).
+        method: which eigendecomposition to read (``"eigh"``; ``"power_qr"`` shares SOAP's).
+    """
+
+    kind: Literal["shampoo"] = "shampoo"
+    gram: Spec = GradGram().spec
+    method: Literal["eigh", "power_qr"] = "eigh"
+    exponent: float = Field(4.0, gt=0)
+    epsilon: float = Field(1e-6, ge=0)
+    epsilon_abs: float = Field(0.0, ge=0)
+    graft: Literal["none", "sgd", "adagrad", "adam"] = "adagrad"
+    graft_beta2: float = Field(0.999, ge=0, lt=1)
+    graft_eps: float = Field(1e-10, gt=0)
+    cost = 0.1
+    state_fields = ("roots", "graft")
+    info_fields = (("shampoo_root_failures", "int"), ("shampoo_fallback_leaves", "int"))
+
+    def _basis(self):
+        return eigbasis_of(self.gram, self.method)
+
+    def consumes(self):
+        return (fresh(q.grad()), carried(self._basis()))
+
+    def produces(self):
+        return (q.direction("shampoo"),)
+
+    def _layout(self, p):
+        s = dict(self.gram)
+        return gram_layout(p.shape, s["block_size"], s["max_dim"])
+
+    def init(self, params, ctx):
+        def roots(p):
+            lay = self._layout(p)
+            dt = stat_dtype(p)
+            return () if lay is None else tuple(
+                (jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay)
+
+        graft = jax.tree.map(lambda p: jnp.zeros(p.shape, stat_dtype(p)), params) if self.graft in (
+            "adagrad", "adam") else ()
+        zero = jnp.zeros((), jnp.int32)
+        return ShampooState(jax.tree.map(roots, params), zero, zero, graft, zero)
+
+    def _graft_dir(self, g, acc, count):
+        if self.graft in ("none", "sgd"):
+            return g, acc
+        if self.graft == "adagrad":
+            acc = acc + g * g
+            return g / (jnp.sqrt(acc) + self.graft_eps), acc
+        acc = self.graft_beta2 * acc + (1 - self.graft_beta2) * g * g
+        bc = 1 - self.graft_beta2 ** count.astype(g.dtype)
+        return g / (jnp.sqrt(acc / bc) + self.graft_eps), acc
+
+    def apply(self, inputs, state: ShampooState, ctx):
+        grads = inputs[q.grad()]
+        basis: Eigbasis = inputs[self._basis()]
+        leaves, treedef = jax.tree.flatten(grads)
+        old_roots, bases = treedef.flatten_up_to(state.roots), treedef.flatten_up_to(basis.bases)
+
+        def fresh_roots():
+            out, fails = [], jnp.zeros((), jnp.int32)
+            for old, blocks in zip(old_roots, bases):
+                new = []
+                for (rl, rr), (el, er) in zip(old, blocks):
+                    nl = inverse_root(el, self.exponent, self.epsilon, self.epsilon_abs)
+                    nr = inverse_root(er, self.exponent, self.epsilon, self.epsilon_abs)
+                    ok = jnp.all(jnp.isfinite(nl)) & jnp.all(jnp.isfinite(nr))
+                    fails = fails + (~ok).astype(jnp.int32)
+                    new.append((jnp.where(ok, nl, rl), jnp.where(ok, nr, rr)))
+                out.append(tuple(new))
+            return out, fails
+
+        roots, nfail = jax.lax.cond(basis.count != state.seen, fresh_roots,
+                                    lambda: (old_roots, jnp.zeros((), jnp.int32)))
+        count = state.count + 1
+        have_root = basis.count > 0
+        accs = treedef.flatten_up_to(state.graft) if self.graft in ("adagrad", "adam") else [None] * len(leaves)
+        dirs, new_accs = [], []
+        for g, r, acc in zip(leaves, roots, accs):
+            g32 = g.astype(stat_dtype(g))
+            d, acc = self._graft_dir(g32, acc, count)
+            new_accs.append(acc)
+            lay = self._layout(g)
+            if lay is None:
+                dirs.append(d.astype(g.dtype))
+                continue
+            pb = []
+            for gb, db, (rl, rr) in zip(blocks_of(g32, lay), blocks_of(d, lay), r):
+                p = mm(mm(rl, gb), rr)
+                if self.graft != "none":
+                    p = p * (jnp.linalg.norm(db) / jnp.maximum(jnp.linalg.norm(p), 1e-30))
+                pb.append(p)
+            dirs.append(jnp.where(have_root, assemble(pb, lay, g.shape), d).astype(g.dtype))
+        graft = treedef.unflatten(new_accs) if self.graft in ("adagrad", "adam") else ()
+        failures = state.failures + nfail
+        ctx.report("shampoo_root_failures", failures)
+        ctx.report("shampoo_fallback_leaves", count_fallback(grads, self.gram))
+        new = ShampooState(treedef.unflatten(roots), basis.count, failures, graft, count)
+        return {q.direction("shampoo"): treedef.unflatten(dirs)}, new
+
+
+def shampoo(
+    learning_rate: Any = 1e-3,
+    *,
+    beta: float | None = None,
+    root_every: int = 10,
+    start_preconditioning_step: int = 1,
+    graft: Literal["none", "sgd", "adagrad", "adam"] = "adagrad",
+    epsilon: float = 1e-6,
+    exponent: float = 4.0,
+    block_size: int | None = None,
+    max_dim: int = 4096,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> list[Module]:
+    """Shampoo with grafting: factors every step, eigendecompositions (hence roots) every ``root_every`` steps
+    from ``start_preconditioning_step`` on. The start is the refresh module's cadence start, so it shapes the
+    phase table (``prefix``); until the first refresh Shampoo returns the graft direction. Those steps run
+    the same program as the other non-refresh steps (nothing differs statically), so they add no program.
+
+    ``beta=None`` accumulates the factors (AdaGrad-style, as in the paper); a float keeps an EMA.
+    """
+    gram = GradGram(beta=beta, block_size=block_size, max_dim=max_dim, every=1)
+    return [
+        gram,
+        GramEigbasis(gram=gram.spec, method="eigh", every=root_every, start=start_preconditioning_step),
+        Shampoo(gram=gram.spec, exponent=exponent, epsilon=epsilon, graft=graft),
+        UpdateTail(learning_rate=learning_rate, source="shampoo", momentum=momentum, weight_decay=weight_decay),
+    ]

@@ -1,0 +1,181 @@
+"""SOAP: Adam in the (shared) Shampoo eigenbasis.
+
+>>> import curvplan as cp
+>>> from curvplan.modules.preconditioners._soap import soap
+>>> print(cp.compile_plan(soap(precondition_frequency=10), name="soap"))  # doctest: +ELLIPSIS
+plan soap: 2 phases, period 10
+...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from curvplan.ir import carried, fresh
+from curvplan.ir import quantities as q
+from curvplan.modules._base import Module
+from curvplan.modules.preconditioners._grad_gram import (
+    Eigbasis,
+    GradGram,
+    GramConsumer,
+    GramEigbasis,
+    Spec,
+    assemble,
+    blocks_of,
+    eigbasis_of,
+    gram_layout,
+    mm,
+    stat_dtype,
+)
+from curvplan.modules.transforms import UpdateTail
+
+
+class SoapState(NamedTuple):
+    m: Any
+    v: Any
+    used: Any
+    seen: jax.Array
+    count: jax.Array
+
+
+class Soap(GramConsumer):
+    """SOAP direction ``%direction.soap``: Adam on G̃ = Q_Lᵀ G Q_R, mapped back, N = Q_L (m̃ / (√ṽ + eps)) Q_Rᵀ.
+
+    Reads the carried ``%eigbasis.grad_gram`` (by default the published power-iteration + QR refresh). When the
+    basis changed since the last step, the second moment ṽ is permuted like the basis columns (never rotated),
+    and the first moment follows ``moments``:
+
+    - ``"rotate"`` (soap.py @f42d296): m̃ is kept in the eigenbasis and rotated into the new one,
+      m̃ ← Q_newᵀ Q_old m̃ Q_oldᵀ Q_new (keeps a copy of the basis it last used);
+    - ``"keep"`` (the later revision): m is kept in the parameter basis and projected every step.
+
+    With full orthogonal bases both give the same m̃ (up to rounding). With ``correct_bias`` the direction is
+    scaled by √(1−β2ᵗ)/(1−β1ᵗ). Fallback leaves (vectors, huge matrices) get plain Adam. Unlike the reference
+    code the first step already updates (the plan refreshes the basis before SOAP reads it), and a step uses
+    the basis refreshed with its own gradient. Note: inside a degenerate eigenspace (e.g. the null space of a
+    rank-deficient Gram) the basis is arbitrary and elementwise Adam is not rotation-invariant there, so
+    SOAP's direction depends on rounding in such cases (as in the reference code).
+    """
+
+    kind: Literal["soap"] = "soap"
+    gram: Spec = GradGram().spec
+    method: Literal["eigh", "power_qr"] = "power_qr"
+    b1: float = Field(0.95, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    moments: Literal["rotate", "keep"] = "rotate"
+    correct_bias: bool = True
+    cost = 0.1
+    state_fields = ("m", "v")
+
+    def _basis(self):
+        return eigbasis_of(self.gram, self.method)
+
+    def consumes(self):
+        return (fresh(q.grad()), carried(self._basis()))
+
+    def produces(self):
+        return (q.direction("soap"),)
+
+    def _layout(self, p):
+        s = dict(self.gram)
+        return gram_layout(p.shape, s["block_size"], s["max_dim"])
+
+    def init(self, params, ctx):
+        ms, vs, used = [], [], []
+        leaves, treedef = jax.tree.flatten(params)
+        for p in leaves:
+            dt, lay = stat_dtype(p), self._layout(p)
+            z = jnp.zeros(p.shape, dt)
+            if lay is None:
+                ms.append(z), vs.append(z), used.append(())
+                continue
+            bl = [jnp.zeros((r1 - r0, c1 - c0), dt) for r0, r1, c0, c1 in lay]
+            vs.append(tuple(bl))
+            ms.append(tuple(bl) if self.moments == "rotate" else z)
+            used.append(tuple((jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay)
+                        if self.moments == "rotate" else ())
+        zero = jnp.zeros((), jnp.int32)
+        return SoapState(treedef.unflatten(ms), treedef.unflatten(vs), treedef.unflatten(used), zero, zero)
+
+    def apply(self, inputs, state: SoapState, ctx):
+        grads = inputs[q.grad()]
+        basis: Eigbasis = inputs[self._basis()]
+        leaves, treedef = jax.tree.flatten(grads)
+        ms, vs = treedef.flatten_up_to(state.m), treedef.flatten_up_to(state.v)
+        useds, bases = treedef.flatten_up_to(state.used), treedef.flatten_up_to(basis.bases)
+        changed = basis.count != state.seen
+        b1, b2, eps = self.b1, self.b2, self.eps
+        count = state.count + 1
+        t = count.astype(stat_dtype(leaves[0]))
+        scale = jnp.sqrt(1 - b2**t) / (1 - b1**t) if self.correct_bias else 1.0
+        out, new_m, new_v, new_used = [], [], [], []
+        for g, m, v, used, blocks in zip(leaves, ms, vs, useds, bases):
+            g = g.astype(stat_dtype(g))
+            lay = self._layout(g)
+            if lay is None:  # plain Adam
+                m = b1 * m + (1 - b1) * g
+                v = b2 * v + (1 - b2) * g * g
+                out.append(scale * m / (jnp.sqrt(v) + eps))
+                new_m.append(m), new_v.append(v), new_used.append(())
+                continue
+            if self.moments == "keep":
+                m = b1 * m + (1 - b1) * g
+                mbs = blocks_of(m, lay)
+            nb, vb_new, mb_new = [], [], []
+            for i, (gb, vb, (el, er)) in enumerate(zip(blocks_of(g, lay), v, blocks)):
+                vb = jnp.where(changed, vb[el.perm][:, er.perm], vb)
+                gt = mm(mm(el.Q.T, gb), er.Q)
+                if self.moments == "rotate":
+                    ql, qr = used[i]
+                    mb = jax.lax.cond(
+                        changed,
+                        lambda mb=m[i], ql=ql, qr=qr, el=el, er=er: mm(mm(el.Q.T, mm(mm(ql, mb), qr.T)), er.Q),
+                        lambda mb=m[i]: mb)
+                    mb = b1 * mb + (1 - b1) * gt
+                    mb_new.append(mb)
+                    mt = mb
+                else:
+                    mt = mm(mm(el.Q.T, mbs[i]), er.Q)
+                vb = b2 * vb + (1 - b2) * gt * gt
+                vb_new.append(vb)
+                nb.append(mm(mm(el.Q, mt / (jnp.sqrt(vb) + eps)), er.Q.T))
+            out.append(scale * assemble(nb, lay, g.shape))
+            new_v.append(tuple(vb_new))
+            if self.moments == "rotate":
+                new_m.append(tuple(mb_new))
+                new_used.append(tuple((el.Q, er.Q) for el, er in blocks))
+            else:
+                new_m.append(m), new_used.append(())
+        direction = treedef.unflatten([d.astype(g.dtype) for d, g in zip(out, leaves)])
+        new = SoapState(treedef.unflatten(new_m), treedef.unflatten(new_v), treedef.unflatten(new_used),
+                        basis.count, count)
+        return {q.direction("soap"): direction}, new
+
+
+def soap(
+    learning_rate: Any = 3e-3,
+    *,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_beta: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    method: Literal["eigh", "power_qr"] = "power_qr",
+    moments: Literal["rotate", "keep"] = "rotate",
+) -> list[Module]:
+    """SOAP (soap.py @f42d296 defaults): factors EMA'd every step with ``shampoo_beta`` (``None``: ``b2``),
+    the eigenbasis refreshed every ``precondition_frequency`` steps, Adam in it, decoupled weight decay."""
+    gram = GradGram(beta=b2 if shampoo_beta is None else shampoo_beta, max_dim=max_precond_dim, every=1)
+    return [
+        gram,
+        GramEigbasis(gram=gram.spec, method=method, every=precondition_frequency),
+        Soap(gram=gram.spec, method=method, b1=b1, b2=b2, eps=eps, moments=moments),
+        UpdateTail(learning_rate=learning_rate, source="soap", weight_decay=weight_decay),
+    ]

@@ -1,0 +1,185 @@
+"""K-FAC modules against explicit references: factors from per-example loops (float64), the direction from a
+materialized (A ⊗ Γ + γ I)⁻¹ / (Â ⊗ Γ̂)⁻¹ solve in numpy, refresh failure handling, the plan text, and W1
+training through the public `Optimizer`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvplan as cp
+from curvplan.ir import quantities as q
+from curvplan.lowering import Objective
+from curvplan.lowering._objective import PROVIDER_IMPLS
+from curvplan.modules import Context
+from curvplan.modules.preconditioners._kfac import (
+    KFACDirection,
+    KFACFactors,
+    KFACInverse,
+    kfac,
+    kfac_eigbasis,
+    kfac_factors,
+)
+from curvplan.testing import assert_plan_text
+
+
+def ctx(params, name="m"):
+    return Context(jnp.zeros((), jnp.int32), None, params, None, None, name)
+
+
+def mlp_problem(seed=0, n=6):
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = {"l0": {"w": jax.random.normal(k[0], (3, 4)), "b": jax.random.normal(k[1], (4,))},
+              "l1": {"w": jax.random.normal(k[2], (4, 2))}}  # l1 has no bias
+
+    def model(p, x):
+        return jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"]) @ p["l1"]["w"]
+
+    x = jax.random.normal(k[3], (n, 3))
+    y = jnp.arange(n) % 2
+    return params, Objective(model_fn=model, loss_kind="ce"), (x, y)
+
+
+def reference_factors(params, batch):
+    """A = mean ā āᵀ and Γ = mean δδᵀ with δ = ∂ℓ_b/∂s_b of each example's own loss, one example at a time."""
+    x, y = batch
+    acc = {"l0": [np.zeros((4, 4)), np.zeros((4, 4))], "l1": [np.zeros((4, 4)), np.zeros((2, 2))]}
+    for xb, yb in zip(np.asarray(x), np.asarray(y)):
+        def loss_of(s0, s1_pert):
+            h = jnp.tanh(s0)
+            logits = h @ params["l1"]["w"] + s1_pert
+            return -jax.nn.log_softmax(logits)[yb]
+
+        s0 = jnp.asarray(xb) @ params["l0"]["w"] + params["l0"]["b"]
+        d0, d1 = jax.grad(loss_of, argnums=(0, 1))(s0, jnp.zeros(2))
+        a0 = np.append(xb, 1.0)  # bias: homogeneous coordinate
+        a1 = np.tanh(np.asarray(s0))  # no bias
+        for name, a, d in (("l0", a0, d0), ("l1", a1, d1)):
+            acc[name][0] += np.outer(a, a) / len(x)
+            acc[name][1] += np.outer(d, d) / len(x)
+    return acc
+
+
+@pytest.mark.usefixtures("x64")
+def test_factors_equal_per_example_definitions_and_ema():
+    params, obj, batch = mlp_problem()
+    batch2 = mlp_problem(seed=1)[2]
+    mod = KFACFactors(ema=0.9)
+    state = mod.init(params, ctx(params))
+    outs = []
+    for b in (batch, batch2):
+        vals = PROVIDER_IMPLS["layer_io"](obj, params, b, None)
+        out, state = mod.apply({q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
+                               state, ctx(params))
+        outs.append(out[kfac_factors()])
+    r1, r2 = reference_factors(params, batch), reference_factors(params, batch2)
+    for key, name in (("['l0']['w']", "l0"), ("['l1']['w']", "l1")):
+        np.testing.assert_allclose(outs[0][key][0], r1[name][0], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(outs[0][key][1], r1[name][1], rtol=1e-10, atol=1e-12)
+        for i in (0, 1):  # weighted moving average: (0.9 x1 + x2) / (0.9 + 1)
+            np.testing.assert_allclose(outs[1][key][i], (0.9 * r1[name][i] + r2[name][i]) / 1.9, rtol=1e-10, atol=1e-12)
+    assert outs[0]["['l0']['w']"][0].shape == (4, 4) and outs[0]["['l1']['w']"][0].shape == (4, 4)
+
+
+def random_spd(rs, n, shift=0.1):
+    m = rs.randn(n, n)
+    return m @ m.T / n + shift * np.eye(n)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_direction_equals_materialized_kronecker_solve(mode):
+    params, obj, batch = mlp_problem()
+    vals = PROVIDER_IMPLS["layer_io"](obj, params, batch, None)
+    acts = vals[q.activations()]
+    rs = np.random.RandomState(0)
+    factors = {"['l0']['w']": (random_spd(rs, 4), random_spd(rs, 4)),
+               "['l1']['w']": (random_spd(rs, 4), random_spd(rs, 2))}
+    inv = KFACInverse()
+    bases, inv_state = inv.apply({kfac_factors(): {k: tuple(map(jnp.asarray, v)) for k, v in factors.items()}},
+                                 inv.init(params, ctx(params)), ctx(params))
+    assert int(inv_state.failures) == 0
+    gamma = 0.05
+    direc = KFACDirection(damping=gamma, damping_mode=mode)
+    g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
+    out, _ = direc.apply({q.grad(): g, kfac_eigbasis(): bases[kfac_eigbasis()], q.activations(): acts},
+                         direc.init(params, ctx(params)), ctx(params))
+    u = out[q.direction("kfac")]
+
+    def solve(A, G, grad_m):
+        if mode == "exact":
+            M = np.kron(A, G) + gamma * np.eye(A.shape[0] * G.shape[0])
+        else:  # π-adjusted Tikhonov damping (ALGORITHMS.md §6.1)
+            pi = np.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
+            M = np.kron(A + pi * np.sqrt(gamma) * np.eye(len(A)), G + np.sqrt(gamma) / pi * np.eye(len(G)))
+        return np.linalg.solve(M, grad_m.ravel()).reshape(grad_m.shape)  # row-major vec: (A⊗G)vec X = vec(A X G)
+
+    aug = np.vstack([np.asarray(g["l0"]["w"]), np.asarray(g["l0"]["b"])[None]])
+    ref0 = solve(*factors["['l0']['w']"], aug)
+    np.testing.assert_allclose(u["l0"]["w"], ref0[:3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(u["l0"]["b"], ref0[3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(u["l1"]["w"], solve(*factors["['l1']['w']"], np.asarray(g["l1"]["w"])),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+def test_failed_refresh_keeps_previous_bases_and_fallback_for_unhandled():
+    params, obj, batch = mlp_problem()
+    inv = KFACInverse()
+    state = inv.init(params, ctx(params))
+    good = {"['l0']['w']": (jnp.eye(4) * 2.0, jnp.eye(4) * 3.0), "['l1']['w']": (jnp.eye(4), jnp.eye(2))}
+    out1, state = inv.apply({kfac_factors(): good}, state, ctx(params))
+    bad = dict(good, **{"['l1']['w']": (jnp.full((4, 4), jnp.nan), jnp.eye(2))})
+    out2, state = inv.apply({kfac_factors(): bad}, state, ctx(params))
+    assert int(state.failures) == 1
+    jax.tree.map(np.testing.assert_array_equal, out2[kfac_eigbasis()], out1[kfac_eigbasis()])
+
+    # a parameter used twice is not a layer: identity fallback, counted in telemetry
+    shared = {"w": jnp.eye(3) * 0.5, "u": jnp.ones((3, 2))}
+    loss = lambda p, b: jnp.sum((b @ p["w"] @ p["w"] @ p["u"]) ** 2)  # noqa: E731
+    vals = PROVIDER_IMPLS["layer_io"](Objective(loss_fn=loss), shared, jnp.ones((2, 3)), None)
+    assert "['w']" in vals[q.activations()].report.skipped
+    direc = KFACDirection()
+    c = ctx(shared)
+    out, _ = direc.apply({q.grad(): vals[q.grad()], kfac_eigbasis(): inv.init_carried(None, shared, c),
+                          q.activations(): vals[q.activations()]}, direc.init(shared, c), c)
+    np.testing.assert_array_equal(out[q.direction("kfac")]["w"], vals[q.grad()]["w"])
+    np.testing.assert_array_equal(out[q.direction("kfac")]["u"], 0.0)  # no refresh yet: covered layers wait
+    assert int(c.info["kfac_layers"]) == 1 and int(c.info["kfac_fallback_leaves"]) == 1
+
+
+def test_plan_text_shows_inverse_refresh_every_k():
+    assert_plan_text(cp.compile_plan(kfac(learning_rate=0.1, damping=0.1, inverse_every=5), name="kfac"), """
+        plan kfac: 2 phases, period 5
+        phase 0 @every(5) [layer_io]
+          %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, out_axis=-1)
+          %eigbasis.kfac                              = kfac_inverse(%kron.kfac; out_axis=-1) -> carried
+          %direction.kfac                             = kfac_direction(%grad, %eigbasis.kfac, %activations; damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
+        phase 1 otherwise [layer_io]
+          %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
+          %direction.kfac                             = kfac_direction(%grad, carried %eigbasis.kfac, %activations; damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, out_axis=-1)
+          %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
+        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.bases, kfac_inverse.failures, update_tail.opt_state, slot %eigbasis.kfac
+    """)
+
+
+def test_w1_trains_with_kfac():
+    from benchmarks.workloads import get_workload
+
+    w = get_workload("w1")
+    params = w.init(jax.random.key(0))
+    opt = cp.Optimizer(kfac(learning_rate=0.1, damping=0.1, inverse_every=5), model_fn=w.model_fn, loss=w.loss_kind)
+    state = opt.init(params)
+    batches = w.batches(0)
+    fixed = next(batches)
+    first = float(w.loss_fn(params, fixed))
+    for _ in range(12):
+        params, state, info = opt.step(params, state, next(batches))
+        assert int(info.kfac_layers) == 3 and int(info.kfac_fallback_leaves) == 0
+    assert float(w.loss_fn(params, fixed)) < 0.6 * first
+    assert opt.trace_counts == [1, 1]  # each phase compiles once
