@@ -159,6 +159,31 @@ def suite_kfac(steps: int, repeats: int) -> list[dict]:
              "flops_curvplan": co["flops"], "flops_peer": float("nan"), "phases": ours.n_programs}]
 
 
+def suite_vs_adamw(workload: str, steps: int, repeats: int, methods: list[str]) -> list[dict]:
+    """Amortized per-step time of each method vs optax.adamw on one workload (A/B interleaved per method)."""
+    w = get_workload(workload)
+    rows = []
+    for i, m in enumerate(methods):
+        _progress(i, len(methods), f"{m} vs adamw on {workload}")
+        runners = {"curvplan": make_runner(f"cp:{m}", w), "adamw": adamw(w)}
+        if METHODS[m].peer is not None and m == "muon":
+            runners["peer"] = METHODS[m].peer(w)
+        try:
+            times = measure.interleaved_step_times(runners, w, steps=steps, repeats=repeats, progress=_log)
+        except Exception as e:  # noqa: BLE001 -- a failing method is a result, reported, not a crash
+            rows.append({"method": m, "workload": workload, "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        row = {"method": m, "workload": workload, "period": runners["curvplan"].period,
+               "time_curvplan": times["curvplan"], "time_adamw": times["adamw"],
+               "ratio_vs_adamw": measure.ratio_stats(times["curvplan"], times["adamw"])}
+        if "peer" in times:
+            row["peer"] = runners["peer"].label
+            row["ratio_vs_peer"] = measure.ratio_stats(times["curvplan"], times["peer"])
+        rows.append(row)
+    _progress(len(methods), len(methods), "done")
+    return rows
+
+
 def suite_ttt(workload: str, budget: int, seeds: int, methods: list[str], eval_every: int) -> dict:
     """AdamW runs ``budget`` steps per seed; the target is the median over seeds of its held-out loss at 60%
     of the budget; every method then trains up to ``budget`` steps and stops when it reaches the target."""
@@ -227,6 +252,18 @@ def markdown(result: dict) -> str:
                          f"{r['time_peer']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | "
                          f"{r['flops_curvplan'] / 1e6:.2f} | {r['flops_peer'] / 1e6:.2f} |")
         lines.append("")
+    if result.get("vs_adamw"):
+        lines += ["**Amortized per-step time vs optax.adamw** (same workload and batch; interleaved; whole "
+                  "refresh periods)", "", "| method | workload | period | ms/step | ms/step adamw | ratio vs adamw | "
+                  "ratio vs peer |", "|---|---|---|---|---|---|---|"]
+        for r in result["vs_adamw"]:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['workload']} | failed: {r['error']} | | | | |")
+                continue
+            peer = f"{_fmt_ratio(r['ratio_vs_peer'])} ({r['peer']})" if "peer" in r else "-"
+            lines.append(f"| {r['method']} | {r['workload']} | {r['period']} | {r['time_curvplan']['median'] * 1e3:.2f} | "
+                         f"{r['time_adamw']['median'] * 1e3:.2f} | {_fmt_ratio(r['ratio_vs_adamw'])} | {peer} |")
+        lines.append("")
     for t in result.get("ttt", []):
         lines += [f"**Time to target on {t['workload']}** (target held-out loss {t['target']:.4f} = AdamW's at 60% "
                   f"of {t['budget']} steps; median over {t['seeds']} seeds; compile time excluded)", "",
@@ -252,6 +289,8 @@ def plots(result: dict, stem: pathlib.Path) -> list[str]:
     files = []
     bars = [(f"{r['method']} (planned/unplanned)", r["time_ratio"]) for r in result.get("ablation", [])]
     bars += [(f"{r['method']} (vs {r['peer']})", r["time_ratio"]) for r in result.get("peers", []) if "error" not in r]
+    bars += [(f"{r['method']} on {r['workload']} (vs adamw)", r["ratio_vs_adamw"]) for r in result.get("vs_adamw", [])
+             if "error" not in r]
     if bars:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))
         y = np.arange(len(bars))
@@ -317,7 +356,7 @@ QUICK = dict(workload="w1", steps=4, repeats=2, methods=["hutchinson_every_10"])
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["quick", "ablation", "peers", "kfac", "ttt", "all"])
+    ap.add_argument("suite", choices=["quick", "ablation", "peers", "kfac", "vs-adamw", "ttt", "all"])
     ap.add_argument("--workload", default=None, help="override each method's workload")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per block (rounded up to whole periods)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -340,11 +379,15 @@ def main(argv=None) -> dict:
         result["peers"] = suite_peers(args.workload, args.steps, args.repeats, args.methods)
     if args.suite in ("kfac", "all"):
         result["peers"] = result.get("peers", []) + suite_kfac(args.steps, args.repeats)
+    if args.suite in ("vs-adamw", "all"):
+        result["vs_adamw"] = []
+        for wl, methods in VS_ADAMW.items():
+            result["vs_adamw"] += suite_vs_adamw(wl, args.steps, args.repeats, args.methods or methods)
     if args.suite in ("ttt", "all"):
         result["ttt"] = []
-        for wl, budget, every in (("w1", 600, 20), ("w4", 1500, 50)):
+        for wl, (budget, every, methods) in TTT.items():
             try:
-                result["ttt"].append(suite_ttt(wl, budget, args.seeds, args.methods or TTT_METHODS, every))
+                result["ttt"].append(suite_ttt(wl, budget, args.seeds, args.methods or methods, every))
             except WorkloadUnavailable as e:
                 _log(f"skipping {wl}: {e}")
     result["peak_rss_mb"] = measure.peak_rss_mb()
@@ -363,7 +406,14 @@ def main(argv=None) -> dict:
     return result
 
 
-TTT_METHODS = ["gauss_newton_cg", "hutchinson_every_10"]
+VS_ADAMW = {"w1": ["shampoo", "soap", "scao", "muon"], "w3": ["shampoo", "soap", "scao", "muon"]}
+"""Issue 6/7 figures: amortized per-step time vs AdamW (and vs optax.contrib.muon for muon)."""
+
+TTT = {
+    "w1": (600, 20, ["gauss_newton_cg", "sophia_h", "adahessian", "kfac", "shampoo", "soap", "scao", "muon"]),
+    "w4": (1500, 50, ["levenberg_marquardt", "gauss_newton_cg", "hessian_free"]),
+}
+"""workload -> (step budget, eval every, methods) for time-to-target vs AdamW."""
 
 if __name__ == "__main__":
     main()
