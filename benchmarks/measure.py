@@ -60,13 +60,14 @@ def interleaved_step_times(runners: dict[str, Runner], w: Workload, *, steps: in
                            progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Per-step seconds for each runner, A/B interleaved: each repeat runs one block of ``steps`` (rounded up
     to a multiple of the runner's period) per runner, in rotating order. Warm-up (compilation of every
-    phase) is one full period per runner plus a few steps, timed separately as ``compile_s``.
+    phase) is three full periods per runner (at least 10 steps), timed separately as ``compile_s``: a program
+    that runs once per period needs a few executions before its time settles.
 
     Returns name -> {"samples": [s/step per repeat], "median", "min", "max", "compile_s"}.
     """
     live = {k: _Live(r, w, seed, batch_size) for k, r in runners.items()}
     for k, lv in live.items():
-        n = max(lv.runner.period, 1) + 2
+        n = max(3 * lv.runner.period, 10)
         lv.compile_s = lv.run(n)
         if progress:
             progress(f"warm-up {k}: {lv.compile_s:.1f} s")

@@ -177,9 +177,11 @@ def _kfac_telemetry(w):
 METHODS: dict[str, Method] = {
     "gauss_newton_cg": Method(lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind, **CG), _somax("sgn_{loss}", **_SOMAX_CG),
                               shares=False, note="one linearization per step; nothing to share"),
-    "newton_cg": Method(lambda w: cp.presets.newton_cg(**CG), _somax("newton_cg", **_SOMAX_CG), shares=False),
+    # Newton-CG with λ = 10 and lr 0.5 so that neither side diverges on W1 (a NaN ends Somax's CG at once)
+    "newton_cg": Method(lambda w: cp.presets.newton_cg(**{**CG, "lam": 10.0}, learning_rate=0.5),
+                        _somax("newton_cg", **{**_SOMAX_CG, "lam0": 10.0, "learning_rate": 0.5}), shares=False),
     "egn": Method(lambda w: cp.presets.egn(loss=w.loss_kind, lam=1.0), _somax("egn_{loss}", lam0=1.0, learning_rate=1.0),
-                  shares=False),
+                  shares=False, workload="w4", note="row space: B x outputs rows"),
     "sophia_h": Method(lambda w: cp.presets.sophia_h(**SOPHIA), _somax("sophia_h", **_SOMAX_SOPHIA)),
     "sophia_g": Method(lambda w: cp.presets.sophia_g(**SOPHIA), _somax("sophia_g", **_SOMAX_SOPHIA), losses=("ce",)),
     "adahessian": Method(lambda w: cp.presets.adahessian(**ADAHESSIAN),
