@@ -67,7 +67,7 @@ def interleaved_step_times(runners: dict[str, Runner], w: Workload, *, steps: in
     """
     live = {k: _Live(r, w, seed, batch_size) for k, r in runners.items()}
     for k, lv in live.items():
-        n = max(3 * lv.runner.period, 10)
+        n = max(3 * lv.runner.period, 10, lv.runner.warmup_steps + 2 * lv.runner.period)
         lv.compile_s = lv.run(n)
         if progress:
             progress(f"warm-up {k}: {lv.compile_s:.1f} s")
@@ -145,9 +145,9 @@ def train_curve(runner: Runner, w: Workload, *, steps: int, seed: int, eval_ever
     steps outside the timed region. Wall time excludes the first call of every phase (compilation), which
     is reported as ``compile_s``."""
     lv = _Live(runner, w, seed, batch_size)
-    # compile every phase on a throwaway copy so the timed run starts warm
+    # compile every phase (prefix phases included) on a throwaway copy so the timed run starts warm
     warm = _Live(runner, w, seed, batch_size)
-    compile_s = warm.run(max(runner.period, 1) + 1)
+    compile_s = warm.run(max(runner.period + 1, runner.warmup_steps))
     del warm
     wall, curve, reached = 0.0, [], None
     t = 0

@@ -44,6 +44,8 @@ class Runner:
     period: int = 1
     programs: Callable[..., list] | None = None
     n_programs: int = 1
+    warmup_steps: int = 2
+    """Steps after which every program has compiled (a plan's prefix plus one period)."""
     plan: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -69,6 +71,7 @@ def curvplan_runner(name: str, modules: list, w: Workload, *, optimize: bool = T
     label = f"curvplan {name}" + ("" if optimize else " (unplanned)")
     return Runner(f"{name}{'' if optimize else ':unplanned'}", label, lambda p, k: opt.init(p, k), step,
                   period=plan.period, programs=programs, n_programs=len(plan.phases), plan=plan,
+                  warmup_steps=plan.prefix + plan.period + 1,
                   extra={"optimizer": opt})
 
 
