@@ -166,7 +166,7 @@ def suite_vs_adamw(workload: str, steps: int, repeats: int, methods: list[str]) 
     for i, m in enumerate(methods):
         _progress(i, len(methods), f"{m} vs adamw on {workload}")
         runners = {"curvplan": make_runner(f"cp:{m}", w), "adamw": adamw(w)}
-        if METHODS[m].peer is not None and m == "muon":
+        if METHODS[m].peer is not None:
             runners["peer"] = METHODS[m].peer(w)
         try:
             times = measure.interleaved_step_times(runners, w, steps=steps, repeats=repeats, progress=_log)

@@ -56,6 +56,12 @@ def gram_layout(shape: tuple[int, ...], block_size: int | None, max_dim: int) ->
     return tuple((r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols)
 
 
+def spec_layout(spec: Spec, shape: tuple[int, ...]) -> tuple | None:
+    """`gram_layout` of a leaf under a `GradGram.spec` (None: the leaf takes the diagonal fallback)."""
+    s = dict(spec)
+    return gram_layout(shape, s.get("block_size"), s.get("max_dim", 4096))
+
+
 def stat_dtype(x) -> Any:
     """float32 for low-precision parameters, float64 under x64."""
     return jnp.promote_types(x.dtype, jnp.float32)
@@ -85,10 +91,9 @@ def symmetrize(a):
 
 def layout_report(params, spec: Spec) -> dict[str, str]:
     """Layer key -> ``"kron 2 blocks (64x64, 64x64)"`` or ``"diagonal"``: how `GradGram` treats each leaf."""
-    s = dict(spec)
     out = {}
     for path, p in jax.tree_util.tree_leaves_with_path(params):
-        lay = gram_layout(p.shape, s.get("block_size"), s.get("max_dim", 4096))
+        lay = spec_layout(spec, p.shape)
         if lay is None:
             out[jax.tree_util.keystr(path)] = "diagonal"
         else:
@@ -269,10 +274,8 @@ class GramEigbasis(GramConsumer):
         return GramEigbasisState(jnp.zeros((), jnp.int32))
 
     def init_carried(self, qv, params, ctx):
-        s = dict(self.gram)
-
         def leaf(p):
-            lay = gram_layout(p.shape, s["block_size"], s["max_dim"])
+            lay = spec_layout(self.gram, p.shape)
             dt = stat_dtype(p)
             return () if lay is None else tuple(
                 (_identity_eigen(r1 - r0, dt), _identity_eigen(c1 - c0, dt)) for r0, r1, c0, c1 in lay)

@@ -44,10 +44,6 @@ def kfac_eigbasis() -> q.Quantity:
     return q.eigbasis(kfac_factors())
 
 
-def _dtype():
-    return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
-
-
 def _blocks(params, out_axis: int) -> dict[str, tuple[int, int]]:
     """Leaf key -> (d_in, d_out) of the state blocks, from shapes only."""
     out = {}
@@ -101,7 +97,7 @@ class KFACFactors(Module):
         return (kfac_factors(),)
 
     def init(self, params, ctx):
-        dt = _dtype()
+        dt = jnp.result_type(float)
         sums = {k: (jnp.zeros((i + 1, i + 1), dt), jnp.zeros((o, o), dt)) for k, (i, o) in _blocks(params, self.out_axis).items()}
         return KFACFactorsState(sums, jnp.zeros((), dt))
 
@@ -179,7 +175,7 @@ class KFACInverse(Module):
         return KFACInverseState(self.init_carried(None, params, ctx), jnp.zeros((), jnp.int32))
 
     def init_carried(self, qv, params, ctx):
-        dt = _dtype()
+        dt = jnp.result_type(float)
         layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.zeros(i + 1, dt), jnp.eye(o, dtype=dt), jnp.zeros(o, dt))
                   for k, (i, o) in _blocks(params, self.out_axis).items()}
         return {"count": jnp.zeros((), jnp.int32), "layers": layers}
@@ -240,7 +236,7 @@ class KFACDirection(Module):
         v, count = state
         count = count + 1
         v = jax.tree.map(lambda a, x: self.fallback_ema * a + (1 - self.fallback_ema) * jnp.square(x), v, g)
-        bc = 1 - self.fallback_ema ** count.astype(_dtype())
+        bc = 1 - self.fallback_ema ** count.astype(jnp.result_type(float))
 
         def fb(x, vi):
             return x if self.fallback == "identity" else x / (vi / bc + self.damping)

@@ -36,7 +36,7 @@ from curvplan.modules.preconditioners._grad_gram import (
     blocks_of,
     eigbasis_of,
     grad_gram,
-    gram_layout,
+    spec_layout,
     mm,
     stat_dtype,
 )
@@ -116,23 +116,19 @@ class ScaoSpectrum(GramConsumer):
     def produces(self):
         return (scao_spectrum(self.gram),)
 
-    def _layout(self, p):
-        s = dict(self.gram)
-        return gram_layout(p.shape, s["block_size"], s["max_dim"])
-
     def _bounds(self, lay):
         return [rank_bounds(r1 - r0, c1 - c0, self.k_min, self.k_max) for r0, r1, c0, c1 in lay]
 
     def init(self, params, ctx):
         def leaf(p):
-            lay = self._layout(p)
+            lay = spec_layout(self.gram, p.shape)
             return () if lay is None else tuple(jnp.asarray(lo, jnp.int32) for lo, _ in self._bounds(lay))
 
         return jax.tree.map(leaf, params)
 
     def init_carried(self, qv, params, ctx):
         def leaf(p):
-            lay = self._layout(p)
+            lay = spec_layout(self.gram, p.shape)
             if lay is None:
                 return jnp.ones(p.shape, stat_dtype(p))
             return tuple(SpectrumBlock(jnp.ones(hi, stat_dtype(p)), jnp.ones(hi, stat_dtype(p)),
@@ -150,7 +146,7 @@ class ScaoSpectrum(GramConsumer):
         out, new_ranks, all_ranks = [], [], []
         for p, fac, blocks, rk in zip(params, facs, bases, ranks):
             bc = 1.0 if beta is None else jnp.maximum(1 - beta ** gram.count.astype(stat_dtype(p)), 1e-8)
-            lay = self._layout(p)
+            lay = spec_layout(self.gram, p.shape)
             if lay is None:
                 out.append(fac / bc), new_ranks.append(())
                 continue
@@ -196,11 +192,10 @@ class ScaoPrecondition(GramConsumer):
         leaves, treedef = jax.tree.flatten(grads)
         bases = treedef.flatten_up_to(inputs[eigbasis_of(self.gram, "eigh")].bases)
         specs = treedef.flatten_up_to(inputs[scao_spectrum(self.gram)])
-        s = dict(self.gram)
         out = []
         for g, blocks, sp in zip(leaves, bases, specs):
             g32 = g.astype(stat_dtype(g))
-            lay = gram_layout(g.shape, s["block_size"], s["max_dim"])
+            lay = spec_layout(self.gram, g.shape)
             if lay is None:
                 out.append((g32 / (jnp.maximum(sp, 0) ** 0.25 + 1e-8)).astype(g.dtype))
                 continue

@@ -30,7 +30,7 @@ from curvplan.modules.preconditioners._grad_gram import (
     blocks_of,
     count_fallback,
     eigbasis_of,
-    gram_layout,
+    spec_layout,
     mm,
     stat_dtype,
 )
@@ -97,13 +97,9 @@ class Shampoo(GramConsumer):
     def produces(self):
         return (q.direction("shampoo"),)
 
-    def _layout(self, p):
-        s = dict(self.gram)
-        return gram_layout(p.shape, s["block_size"], s["max_dim"])
-
     def init(self, params, ctx):
         def roots(p):
-            lay = self._layout(p)
+            lay = spec_layout(self.gram, p.shape)
             dt = stat_dtype(p)
             return () if lay is None else tuple(
                 (jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay)
@@ -152,7 +148,7 @@ class Shampoo(GramConsumer):
             g32 = g.astype(stat_dtype(g))
             d, acc = self._graft_dir(g32, acc, count)
             new_accs.append(acc)
-            lay = self._layout(g)
+            lay = spec_layout(self.gram, g.shape)
             if lay is None:
                 dirs.append(d.astype(g.dtype))
                 continue

@@ -27,7 +27,7 @@ from curvplan.modules.preconditioners._grad_gram import (
     assemble,
     blocks_of,
     eigbasis_of,
-    gram_layout,
+    spec_layout,
     mm,
     stat_dtype,
 )
@@ -81,15 +81,11 @@ class Soap(GramConsumer):
     def produces(self):
         return (q.direction("soap"),)
 
-    def _layout(self, p):
-        s = dict(self.gram)
-        return gram_layout(p.shape, s["block_size"], s["max_dim"])
-
     def init(self, params, ctx):
         ms, vs, used = [], [], []
         leaves, treedef = jax.tree.flatten(params)
         for p in leaves:
-            dt, lay = stat_dtype(p), self._layout(p)
+            dt, lay = stat_dtype(p), spec_layout(self.gram, p.shape)
             z = jnp.zeros(p.shape, dt)
             if lay is None:
                 ms.append(z), vs.append(z), used.append(())
@@ -116,7 +112,7 @@ class Soap(GramConsumer):
         out, new_m, new_v, new_used = [], [], [], []
         for g, m, v, used, blocks in zip(leaves, ms, vs, useds, bases):
             g = g.astype(stat_dtype(g))
-            lay = self._layout(g)
+            lay = spec_layout(self.gram, g.shape)
             if lay is None:  # plain Adam
                 m = b1 * m + (1 - b1) * g
                 v = b2 * v + (1 - b2) * g * g
