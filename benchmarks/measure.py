@@ -34,7 +34,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class _Live:
+class Live:
     """A runner in mid-training: params, state and a batch stream (so interleaved blocks continue)."""
 
     def __init__(self, runner: Runner, w: Workload, seed: int, batch_size: int | None):
@@ -65,7 +65,7 @@ def interleaved_step_times(runners: dict[str, Runner], w: Workload, *, steps: in
 
     Returns name -> {"samples": [s/step per repeat], "median", "min", "max", "compile_s"}.
     """
-    live = {k: _Live(r, w, seed, batch_size) for k, r in runners.items()}
+    live = {k: Live(r, w, seed, batch_size) for k, r in runners.items()}
     for k, lv in live.items():
         n = max(3 * lv.runner.period, 10, lv.runner.warmup_steps + 2 * lv.runner.period)
         lv.compile_s = lv.run(n)
@@ -144,9 +144,9 @@ def train_curve(runner: Runner, w: Workload, *, steps: int, seed: int, eval_ever
     """Trains for ``steps`` (stopping early at ``target``), evaluating the held-out loss every ``eval_every``
     steps outside the timed region. Wall time excludes the first call of every phase (compilation), which
     is reported as ``compile_s``."""
-    lv = _Live(runner, w, seed, batch_size)
+    lv = Live(runner, w, seed, batch_size)
     # compile every phase (prefix phases included) on a throwaway copy so the timed run starts warm
-    warm = _Live(runner, w, seed, batch_size)
+    warm = Live(runner, w, seed, batch_size)
     compile_s = warm.run(max(runner.period + 1, runner.warmup_steps))
     del warm
     wall, curve, reached = 0.0, [], None

@@ -13,18 +13,25 @@ Suites:
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import pathlib
-import sys
-import time
+import os
 
-import numpy as np
+# XLA:CPU already runs independent LAPACK calls on its own thread pool; OpenBLAS's threads (scipy's copy, which
+# jaxlib's eigh/qr call into) then oversubscribe the cores and refresh steps vary 2-4x run to run. Set before
+# jax loads; an explicit setting in the environment wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from benchmarks import measure
-from benchmarks.optimizers import METHODS, adamw, make_runner
-from benchmarks.workloads import WorkloadUnavailable, get_workload
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks import measure  # noqa: E402
+from benchmarks.optimizers import METHODS, adamw, make_runner  # noqa: E402
+from benchmarks.workloads import WorkloadUnavailable, get_workload  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -135,7 +142,7 @@ def suite_kfac(steps: int, repeats: int) -> list[dict]:
         return [{"method": "kfac", "workload": "w1", "error": "kfac-jax venv missing: run `make bench-peers`"}]
     w = get_workload("w1")
     ours = make_runner("cp:kfac", w)
-    live = measure._Live(ours, w, 0, None)
+    live = measure.Live(ours, w, 0, None)
     live.run(ours.period + 2)
     script = pathlib.Path(__file__).parent / "peers" / "kfac_jax_w1.py"
     cmd = [str(venv), str(script), "--steps", str(steps), "--blocks", "1", "--inverse-every",

@@ -33,12 +33,13 @@ def schatten_inv_p():
 
 
 # -- the criterion ---------------------------------------------------------------------------------------
-def _log_schatten(s: jax.Array, r: float, weight: jax.Array | float = 1.0) -> jax.Array:
-    """log of ``(weight · Σ sᵢ^r)^{1/r}`` (``r = inf``: log max), stable for large r."""
+def _log_schatten(s: jax.Array, r: np.ndarray, weight: jax.Array | float = 1.0) -> jax.Array:
+    """log of ``(weight · Σ sᵢ^r)^{1/r}`` for each exponent in ``r`` (``inf``: log max), stable for large r."""
     top = jnp.maximum(jnp.max(s), 1e-30)
-    if math.isinf(r):
-        return jnp.log(top)
-    return jnp.log(top) + (jnp.log(weight) + jnp.log(jnp.sum((s / top) ** r))) / r
+    finite = np.isfinite(r)
+    rr = jnp.asarray(np.where(finite, r, 1.0), s.dtype)
+    log_sum = jnp.log(jnp.sum((s / top)[None, :] ** rr[:, None], axis=1))
+    return jnp.log(top) + jnp.where(finite, (jnp.log(weight) + log_sum) / rr, 0.0)
 
 
 def criterion_inv_ps(include_inf: bool = True, grid: tuple[float, ...] = DEFAULT_GRID) -> np.ndarray:
@@ -58,15 +59,23 @@ def log_criterion(sg: jax.Array, sa: jax.Array, inv_p: float, wg: float = 1.0, w
     >>> round(float(jnp.exp(log_criterion(sg, sa, 0.0))), 6)     # ‖G‖_* / ‖A‖_F
     3.130495
     """
-    p = math.inf if inv_p == 0 else 1.0 / inv_p
-    r_g = 1.0 + inv_p
-    r_a = math.inf if p == 1.0 else (2.0 if math.isinf(p) else 2.0 * (p + 1.0) / (p - 1.0))
-    return _log_schatten(sg, r_g, wg) - _log_schatten(sa, r_a, wa)
+    r_g, r_a = _exponents(np.asarray([inv_p], float))
+    return (_log_schatten(sg, r_g, wg) - _log_schatten(sa, r_a, wa))[0]
+
+
+def _exponents(inv_ps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Schatten exponents of the criterion for each ``1/p``: ``1 + 1/p`` on G, ``2(p+1)/(p−1)`` on A."""
+    r_g = 1.0 + inv_ps
+    with np.errstate(divide="ignore"):
+        r_a = np.where(inv_ps == 1.0, np.inf, 2.0 * (1.0 + inv_ps) / np.maximum(1.0 - inv_ps, 1e-300))
+    return r_g, r_a
 
 
 def best_inv_p(sg, sa, inv_ps, wg=1.0, wa=1.0) -> jax.Array:
-    """The ``1/p`` in ``inv_ps`` maximising J (the first one on ties)."""
-    vals = jnp.stack([log_criterion(sg, sa, float(ip), wg, wa) for ip in inv_ps])
+    """The ``1/p`` in ``inv_ps`` maximising J (the first one on ties), every candidate in one vectorised pass."""
+    inv_ps = np.asarray(inv_ps, float)
+    r_g, r_a = _exponents(inv_ps)
+    vals = _log_schatten(sg, r_g, wg) - _log_schatten(sa, r_a, wa)
     return jnp.asarray(inv_ps, sg.dtype)[jnp.argmax(vals)]
 
 

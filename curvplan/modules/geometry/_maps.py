@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from curvplan.modules import _linalg
+from curvplan.modules._linalg import mm as _mm, symmetrize
 NormName = Literal["frobenius", "sign", "spectral", "spectral_conv", "colnorm", "rownorm", "bias_rms"]
 
 STANDARD_NS = (3.4445, -4.7750, 2.0315)
@@ -52,10 +53,6 @@ def ns_schedule(coeffs: str | tuple, steps: int) -> np.ndarray:
     if len(c) >= steps:
         return c[:steps]
     return np.concatenate([c, np.tile(c[-1], (steps - len(c), 1))])
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def newton_schulz(
@@ -90,8 +87,7 @@ def _gram_eigh(m: jax.Array):
     tall = m.shape[-2] >= m.shape[-1]
     mt = jnp.swapaxes(m, -1, -2)
     g = _mm(mt, m) if tall else _mm(m, mt)
-    g = 0.5 * (g + jnp.swapaxes(g, -1, -2))
-    w, v = jnp.linalg.eigh(g)
+    w, v = _linalg.eigh(symmetrize(g))
     return jnp.maximum(w, 0.0), v, tall
 
 
@@ -115,7 +111,7 @@ def schatten_exact(m: jax.Array, inv_p: jax.Array | float, floor: float = 1e-12)
 
 def spectral_exact(m: jax.Array) -> jax.Array:
     """``U Vᵀ`` of the reduced SVD (exact polar factor; zero singular values map to 0)."""
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    u, s, vt = _linalg.svd(m)
     nz = (s > 1e-12 * jnp.max(s, axis=-1, keepdims=True)).astype(m.dtype)
     return _mm(u * nz[..., None, :], vt)
 
@@ -140,7 +136,7 @@ def schatten_lmo(
     """
     inv_p = 0.0 if math.isinf(p) else 1.0 / p
     raw = schatten_exact(m, inv_p) if method == "exact" else schatten_ns(m, p, steps)
-    s = jnp.linalg.svd(m, compute_uv=False)
+    s = _linalg.svd(m, compute_uv=False)
     return raw / jnp.maximum(schatten_norm(s, 1.0 + inv_p), 1e-30) ** inv_p
 
 
@@ -165,9 +161,12 @@ def power_sigma_max(m: jax.Array, iters: int = 20) -> jax.Array:
     """σ_max(m) by power iteration on mᵀm (deterministic start: the all-ones vector plus a ramp)."""
     n = m.shape[-1]
     v = jnp.ones((n,), m.dtype) + jnp.linspace(0.0, 1.0, n, dtype=m.dtype)
-    for _ in range(iters):
+
+    def body(_, v):
         v = _mm(m.T, _mm(m, v))
-        v = v / (jnp.linalg.norm(v) + 1e-30)
+        return v / (jnp.linalg.norm(v) + 1e-30)
+
+    v = jax.lax.fori_loop(0, iters, body, v)
     return jnp.linalg.norm(_mm(m, v))
 
 
@@ -254,13 +253,13 @@ def dual_norm(m: jax.Array, norm: NormName, *, normalized: bool = True) -> jax.A
         return jnp.sqrt(m.size) * jnp.linalg.norm(m)
     if norm == "spectral":
         fan_in, fan_out = m.shape
-        return jnp.sum(jnp.linalg.svd(m, compute_uv=False)) * (
+        return jnp.sum(_linalg.svd(m, compute_uv=False)) * (
             math.sqrt(fan_out / fan_in) if normalized else math.sqrt(fan_out)
         )
     if norm == "spectral_conv":
         kh, kw, c_in, c_out = m.shape
         return (
-            jnp.sum(jnp.linalg.svd(_conv_as_matrix(m), compute_uv=False))
+            jnp.sum(_linalg.svd(_conv_as_matrix(m), compute_uv=False))
             * math.sqrt(c_out / c_in)
             / (kh * kw)
         )

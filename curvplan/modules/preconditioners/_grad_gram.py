@@ -27,9 +27,10 @@ from pydantic import Field
 
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
+from curvplan.modules import _linalg
 from curvplan.modules._base import Module
+from curvplan.modules._linalg import HIGHEST, mm, symmetrize
 
-HIGHEST = jax.lax.Precision.HIGHEST
 Spec = tuple[tuple[str, Any], ...]
 
 
@@ -79,14 +80,6 @@ def assemble(blocks: list[jax.Array], layout, shape) -> jax.Array:
     for b, (r0, r1, c0, c1) in zip(blocks, layout):
         out = out.at[r0:r1, c0:c1].set(b)
     return out.reshape(shape)
-
-
-def mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
-
-
-def symmetrize(a):
-    return 0.5 * (a + a.T)
 
 
 def layout_report(params, spec: Spec) -> dict[str, str]:
@@ -214,7 +207,7 @@ def eigbasis_of(spec: Spec, method: str = "eigh") -> q.Quantity:
 
 def eigh_desc(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Eigenpairs of the symmetrized ``a``, eigenvalues descending and clipped at 0."""
-    lam, Q = jnp.linalg.eigh(symmetrize(a))
+    lam, Q = _linalg.eigh(symmetrize(a))
     return Q[:, ::-1], jnp.maximum(lam[::-1], 0.0)
 
 
@@ -222,7 +215,7 @@ def power_qr(a: jax.Array, prev: Eigen) -> Eigen:
     """SOAP's refresh: sort the previous columns by their Rayleigh quotients, then one power step + QR."""
     est = jnp.einsum("ij,ij->j", prev.Q, mm(a, prev.Q), precision=HIGHEST)
     order = jnp.argsort(-est)
-    Q, _ = jnp.linalg.qr(mm(symmetrize(a), prev.Q[:, order]))
+    Q, _ = _linalg.qr(mm(symmetrize(a), prev.Q[:, order]))
     return Eigen(Q, jnp.maximum(est[order], 0.0), order.astype(jnp.int32))
 
 

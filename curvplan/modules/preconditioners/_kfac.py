@@ -29,9 +29,9 @@ from pydantic import Field
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
+from curvplan.modules import _linalg
 from curvplan.modules._base import Module
-
-_HI = jax.lax.Precision.HIGHEST
+from curvplan.modules._linalg import HIGHEST as _HI
 
 
 def kfac_factors() -> q.Quantity:
@@ -139,7 +139,7 @@ class _Factors(dict):
 
 
 def _safe_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-    lam, vec = jnp.linalg.eigh(0.5 * (m + m.T), symmetrize_input=False)
+    lam, vec = _linalg.eigh(_linalg.symmetrize(m), symmetrize_input=False)
     return jnp.maximum(lam, 0.0), vec
 
 

@@ -12,6 +12,7 @@ from pydantic import Field
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
+from curvplan.modules import _linalg
 from curvplan.modules._base import Module
 from curvplan.modules.curvature._operators import curv_op
 from curvplan.modules.preconditioners._diag import precond_diag
@@ -65,7 +66,7 @@ class DenseDirect(Module):
         if self.method == "solve":
             s = jnp.linalg.solve(C + lam * jnp.eye(n, dtype=C.dtype), gf)
         else:
-            w, Q = jnp.linalg.eigh(C)
+            w, Q = _linalg.eigh(C)
             s = Q @ ((Q.T @ gf) / (w + lam))
             ctx.report("direct_eig_min", w[0])
             ctx.report("direct_eig_max", w[-1])

@@ -23,11 +23,12 @@ from pydantic import Field
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
+from curvplan.modules import _linalg
 from curvplan.modules._base import Module
 from curvplan.modules.curvature._fisher import model_lin
 from curvplan.modules.solvers._cg import conjugate_gradient
 
-_HI = jax.lax.Precision.HIGHEST
+_HI = _linalg.HIGHEST
 
 
 def row_system(lin, ce_factor: str = "exact", eps: float = 1e-6):
@@ -51,8 +52,8 @@ def row_system(lin, ce_factor: str = "exact", eps: float = 1e-6):
             rt = r / sp
         else:
             lam_b = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
-            L = jnp.linalg.cholesky(lam_b + eps * jnp.eye(C, dtype=p.dtype))
-            rt = jax.scipy.linalg.solve_triangular(L, r[..., None], lower=True)[..., 0]
+            L = _linalg.cholesky(lam_b + eps * jnp.eye(C, dtype=p.dtype))
+            rt = _linalg.solve_triangular(L, r[..., None], lower=True)[..., 0]
 
     def apply_t(u):  # J̃ᵀ u = Jᵀ (L u)
         u = u.reshape(B, C)
@@ -117,7 +118,7 @@ class RowSpace(Module):
             K = jnp.matmul(flat, flat.T, precision=_HI)
             K = 0.5 * (K + K.T)
             K = K + (mu + self.jitter * jnp.mean(jnp.diag(K))) * jnp.eye(m, dtype=K.dtype)
-            u = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(K, lower=True), rt)
+            u = jax.scipy.linalg.cho_solve((_linalg.cholesky(K), True), rt)
             s = jax.tree.map(lambda x: jnp.tensordot(u, x, axes=1, precision=_HI), rows)
         else:
             res = conjugate_gradient(lambda u: apply(apply_t(u)) + mu * u, rt, tol=self.tol,
