@@ -85,6 +85,35 @@ def interleaved_step_times(runners: dict[str, Runner], w: Workload, *, steps: in
                 "compile_s": live[k].compile_s} for k, v in samples.items()}
 
 
+def interleaved_scan_times(runners: dict[str, Runner], w: Workload, *, steps: int = 30, repeats: int = 3,
+                           seed: int = 0, batch_size: int | None = None) -> dict[str, dict]:
+    """Per-step seconds with the host out of the loop: each runner's ``scan`` runs ``steps`` (rounded up to
+    whole periods) in one compiled program, A/B interleaved over ``repeats``, after one warm-up call. The same
+    stacked batches feed every runner; params and state continue from block to block.
+
+    Returns name -> {"samples", "median", "min", "max"} like `interleaved_step_times`.
+    """
+    live = {k: Live(r, w, seed, batch_size) for k, r in runners.items()}
+    stacks = {}
+    for k, lv in live.items():
+        n = -(-steps // lv.runner.period) * lv.runner.period
+        bs = [next(lv.batches) for _ in range(n)]
+        stacks[k] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *bs)
+        lv.params, lv.state = lv.runner.scan(lv.params, lv.state, stacks[k], lv.key)  # compile + warm
+        jax.block_until_ready((lv.params, lv.state))
+    samples = {k: [] for k in runners}
+    names = list(runners)
+    for rep in range(repeats):
+        for k in names[rep % len(names):] + names[: rep % len(names)]:
+            lv = live[k]
+            t0 = time.perf_counter()
+            lv.params, lv.state = lv.runner.scan(lv.params, lv.state, stacks[k], lv.key)
+            jax.block_until_ready((lv.params, lv.state))
+            samples[k].append((time.perf_counter() - t0) / jax.tree.leaves(stacks[k])[0].shape[0])
+    return {k: {"samples": v, "median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+            for k, v in samples.items()}
+
+
 def ratio_stats(a: dict, b: dict) -> dict:
     """a / b per repeat (paired by repeat index): median, min, max."""
     r = np.asarray(a["samples"]) / np.asarray(b["samples"])
@@ -163,7 +192,7 @@ def train_curve(runner: Runner, w: Workload, *, steps: int, seed: int, eval_ever
         if target is not None and reached is None and ev <= target:
             reached = {"step": t, "time": wall}
             break
-    return {"curve": curve, "reached": reached, "compile_s": compile_s}
+    return {"curve": curve, "reached": reached, "compile_s": compile_s, "live": lv}
 
 
 def median_or_none(xs: Iterable[float | None]) -> float | None:

@@ -48,6 +48,21 @@ class Runner:
     """Steps after which every program has compiled (a plan's prefix plus one period)."""
     plan: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
+    scan: Callable[[Any, Any, Any, jax.Array], tuple] | None = None
+    """``(params, state, stacked_batches, key) -> (params, state)``: many steps in one compiled program (no
+    per-step host dispatch), where the optimizer allows it."""
+
+
+def scanned(step: Callable) -> Callable:
+    """A jitted ``lax.scan`` of a pure ``step(params, state, batch, key) -> (params, state, ...)``."""
+
+    def run(params, state, batches, key):
+        def body(carry, batch):
+            return step(*carry, batch, key)[:2], None
+
+        return jax.lax.scan(body, (params, state), batches)[0]
+
+    return jax.jit(run)
 
 
 # -- curvplan -----------------------------------------------------------------------------------------------
@@ -72,7 +87,7 @@ def curvplan_runner(name: str, modules: list, w: Workload, *, optimize: bool = T
     return Runner(f"{name}{'' if optimize else ':unplanned'}", label, lambda p, k: opt.init(p, k), step,
                   period=plan.period, programs=programs, n_programs=len(plan.phases), plan=plan,
                   warmup_steps=plan.prefix + plan.period + 1,
-                  extra={"optimizer": opt})
+                  extra={"optimizer": opt}, scan=lambda p, s, bs, k: opt.run(p, s, bs, k)[:2])
 
 
 # -- optax --------------------------------------------------------------------------------------------------
@@ -88,7 +103,7 @@ def optax_runner(name: str, label: str, tx: optax.GradientTransformation, w: Wor
 
     jstep = jax.jit(_step)
     return Runner(name, label, lambda p, k: tx.init(p), jstep, period=period,
-                  programs=lambda *a: [(1.0, jstep, a)])
+                  programs=lambda *a: [(1.0, jstep, a)], scan=scanned(_step))
 
 
 # -- Somax v1 -----------------------------------------------------------------------------------------------
@@ -115,7 +130,7 @@ def somax_runner(method: str, w: Workload, **kwargs) -> Runner:
         return params, state, jnp.nan  # Somax reports the loss only on request (it would cost a forward)
 
     return Runner(f"somax:{method}", f"somax {method}", lambda p, k: m.init(p), step, period=period,
-                  programs=lambda *a: [(1.0, jstep, a)])
+                  programs=lambda *a: [(1.0, jstep, a)], scan=scanned(_step))
 
 
 # -- the method table: a curvplan composition and, where one exists, the peer with the same settings ---------
@@ -208,6 +223,8 @@ METHODS: dict[str, Method] = {
                    optax.contrib.muon(0.02), w), shares=False, workload="w3", note="same defaults on both sides"),
     "adaptive_schatten": Method(lambda w: cp.presets.adaptive_schatten(0.02), workload="w1",
                                 note="criterion every 100 steps"),
+    "muadam": Method(lambda w: cp.presets.muadam(1e-3), shares=False, workload="w3",
+                     note="Adam-preconditioned polar factor on matrices"),
     "hutchinson_every_10": Method(lambda w: cp.presets.adahessian_like(hessian_every=10, learning_rate=0.05),
                                   note="Hessian diagonal refreshed every 10 steps"),
 }

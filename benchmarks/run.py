@@ -2,13 +2,14 @@
 
     python -m benchmarks.run quick            # seconds: smoke subset (CI), checks the output is well formed
     python -m benchmarks.run all              # minutes: ablation + peers + time-to-target; updates README
-    python -m benchmarks.run ablation|peers|ttt [--workload w1] [--steps 30] [--repeats 3]
+    python -m benchmarks.run ablation|peers|ttt|geometry [--workload w1] [--steps 30] [--repeats 3]
 
 Suites:
 - ``ablation``: each composition with something to share, planned vs ``compile_plan(..., optimize=False)``:
   per-step time ratio (A/B interleaved), FLOP ratio (XLA ``cost_analysis``), and which passes removed work.
 - ``peers``: each curvplan method vs the peer with the same settings (Somax v1, optax).
 - ``ttt``: time- and steps-to-target vs AdamW over seeds (target: AdamW's held-out loss at 60% of its budget).
+- ``geometry``: W3 adaptive Schatten-p vs Muon per-step time; held-out loss after a fixed budget (3 seeds).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
-from benchmarks.optimizers import METHODS, adamw, make_runner  # noqa: E402
+import curvplan as cp  # noqa: E402
+from benchmarks.optimizers import ADAMW_LR, METHODS, adamw, curvplan_runner, make_runner  # noqa: E402
 from benchmarks.workloads import WorkloadUnavailable, get_workload  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -89,12 +91,15 @@ def suite_ablation(workload: str | None, steps: int, repeats: int, methods: list
         a, b = make_runner(f"cp:{m}", w), make_runner(f"cp:{m}:unplanned", w)
         times = measure.interleaved_step_times({"planned": a, "unplanned": b}, w, steps=steps, repeats=repeats,
                                                progress=_log)
+        loop = measure.interleaved_scan_times({"planned": a, "unplanned": b}, w, steps=steps, repeats=repeats)
         ca, cb = measure.cost(a, w), measure.cost(b, w)
         low = measure.unplanned_flops_lower_bound(b, w, range(a.plan.prefix, a.plan.prefix + a.plan.period))
         rows.append({
             "method": m, "workload": w.name, "period": a.period, "phases": a.n_programs,
             "time_planned": times["planned"], "time_unplanned": times["unplanned"],
             "time_ratio": measure.ratio_stats(times["planned"], times["unplanned"]),
+            "loop_planned": loop["planned"], "loop_unplanned": loop["unplanned"],
+            "loop_ratio": measure.ratio_stats(loop["planned"], loop["unplanned"]),
             "flops_planned": ca["flops"], "flops_unplanned_xla": cb["flops"], "flops_unplanned_lower": low,
             "flop_ratio": ca["flops"] / cb["flops"], "flop_ratio_vs_lower": ca["flops"] / low,
             "bytes_planned": ca["bytes"], "bytes_unplanned": cb["bytes"],
@@ -121,11 +126,18 @@ def suite_peers(workload: str | None, steps: int, repeats: int, methods: list[st
         times = measure.interleaved_step_times({"curvplan": ours, "peer": peer}, w, steps=steps, repeats=repeats,
                                                progress=_log)
         co, cpeer = measure.cost(ours, w), measure.cost(peer, w)
-        rows.append({
+        row = {
             "method": m, "workload": w.name, "peer": peer.label, "time_curvplan": times["curvplan"],
             "time_peer": times["peer"], "time_ratio": measure.ratio_stats(times["curvplan"], times["peer"]),
             "flops_curvplan": co["flops"], "flops_peer": cpeer["flops"], "phases": ours.n_programs,
-        })
+        }
+        if ours.scan is not None and peer.scan is not None:
+            sc = measure.interleaved_scan_times({"curvplan": ours, "peer": peer}, w, steps=steps, repeats=repeats)
+            row["scan_ratio"] = measure.ratio_stats(sc["curvplan"], sc["peer"])
+            row["scan_curvplan"], row["scan_peer"] = sc["curvplan"], sc["peer"]
+            _log(f"{m} in a compiled loop: curvplan {sc['curvplan']['median'] * 1e3:.2f} ms, "
+                 f"peer {sc['peer']['median'] * 1e3:.2f} ms")
+        rows.append(row)
     _progress(len(names), len(names), "peers done")
     return rows
 
@@ -222,6 +234,50 @@ def suite_ttt(workload: str, budget: int, seeds: int, methods: list[str], eval_e
     return out
 
 
+def suite_geometry(steps: int, repeats: int, seeds: int) -> dict:
+    """Issue 7 figures on W3: per-step time of adaptive Schatten-p vs Muon (curvplan and optax.contrib.muon)
+    and AdamW, interleaved over whole criterion periods; then held-out loss after a fixed step budget for
+    AdamW, Muon, adaptive Schatten-p and MuAdam over seeds, with the p each layer ended with."""
+    g = GEOMETRY
+    w = get_workload(g["workload"])
+    runners = {"adaptive_schatten": make_runner("cp:adaptive_schatten", w), "muon": make_runner("cp:muon", w),
+               "optax.contrib.muon": METHODS["muon"].peer(w), "adamw": adamw(w)}
+    _log(f"geometry timing on {w.name}: {', '.join(runners)}")
+    times = measure.interleaved_step_times(runners, w, steps=steps, repeats=repeats, progress=_log)
+    pairs = [("adaptive_schatten", "muon"), ("muon", "optax.contrib.muon"), ("adaptive_schatten", "adamw"),
+             ("muon", "adamw")]
+    out = {"workload": w.name, "budget": g["budget"], "seeds": seeds, "times": times,
+           "ratios": [{"a": a, "b": b, **measure.ratio_stats(times[a], times[b])} for a, b in pairs],
+           "period": runners["adaptive_schatten"].period, "final": {}}
+    names = ["adamw", *g["methods"]]
+    for i, m in enumerate(names):
+        _progress(i, len(names), f"{m}: {g['budget']} steps x {seeds} seeds on {w.name}")
+        runs = []
+        for s in range(seeds):
+            r = adamw(w) if m == "adamw" else curvplan_runner(m, getattr(cp.presets, m)(g["lr"][m]), w)
+            res = measure.train_curve(r, w, steps=g["budget"], seed=s, eval_every=g["eval_every"])
+            slots = getattr(res["live"].state, "slots", {})
+            inv_p = slots.get("%schatten_inv_p")
+            runs.append({"curve": res["curve"], "final_eval_loss": res["curve"][-1]["eval_loss"],
+                         "p": None if inv_p is None else {k: _p_of(v) for k, v in inv_p.items()}})
+        losses = [x["final_eval_loss"] for x in runs]
+        out["final"][m] = {"learning_rate": g["lr"].get(m, ADAMW_LR.get(w.name)), "runs": runs,
+                           "median": float(np.median(losses)), "min": float(np.min(losses)),
+                           "max": float(np.max(losses))}
+    _progress(len(names), len(names), "geometry done")
+    return out
+
+
+def _short_key(key: str) -> str:
+    """``"['block_0']['fc1']['w']"`` -> ``"block_0/fc1/w"``."""
+    return "/".join(part.strip("[]'\"") for part in key.split("][")) if key.startswith("[") else key
+
+
+def _p_of(inv_p) -> float:
+    v = float(np.asarray(inv_p))
+    return float("inf") if v == 0 else 1.0 / v
+
+
 # -- output -------------------------------------------------------------------------------------------------
 def _fmt_ratio(r: dict) -> str:
     return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
@@ -237,26 +293,29 @@ def markdown(result: dict) -> str:
              f"`{result['command']}`.", ""]
     if result.get("ablation"):
         lines += ["**Planning ablation** (same composition, `optimize=True` vs `optimize=False`; per-step time "
-                  "ratio median (min-max) over interleaved repeats; FLOPs from XLA cost analysis, per step "
-                  "averaged over one period)", "",
-                  "| composition | workload | phases | ms/step planned | ms/step unplanned | time ratio | "
-                  "FLOP ratio (vs XLA count / vs cond lower bound) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "ratio median (min-max) over interleaved repeats, per host-dispatched step and inside one "
+                  "compiled `lax.scan` loop; FLOPs from XLA cost analysis, per step averaged over one period)", "",
+                  "| composition | workload | phases | ms/step planned | ms/step unplanned | time ratio (step) | "
+                  "time ratio (loop) | FLOP ratio (vs XLA count / vs cond lower bound) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in result["ablation"]:
             lines.append(f"| {r['method']} | {r['workload']} | {r['phases']} | {r['time_planned']['median'] * 1e3:.2f} | "
                          f"{r['time_unplanned']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | "
-                         f"{r['flop_ratio']:.3f} / {r['flop_ratio_vs_lower']:.3f} |")
+                         f"{_fmt_ratio(r['loop_ratio'])} | {r['flop_ratio']:.3f} / {r['flop_ratio_vs_lower']:.3f} |")
         lines.append("")
     if result.get("peers"):
-        lines += ["**curvplan vs peers** (same model, data, batch, dtype and settings, interleaved in one process)",
-                  "", "| method | workload | peer | ms/step curvplan | ms/step peer | time ratio | MFLOP/step curvplan "
-                  "| MFLOP/step peer |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["**curvplan vs peers** (same model, data, batch, dtype and settings, interleaved in one process; "
+                  "\"step\": one host call per step, as a training loop runs; \"loop\": the same steps inside one "
+                  "compiled `lax.scan` (curvplan's `Optimizer.run`), which takes host dispatch out)",
+                  "", "| method | workload | peer | ms/step curvplan | ms/step peer | time ratio (step) | "
+                  "time ratio (loop) | MFLOP/step curvplan | MFLOP/step peer |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["peers"]:
             if "error" in r:
-                lines.append(f"| {r['method']} | {r['workload']} | {r['error']} | | | | | |")
+                lines.append(f"| {r['method']} | {r['workload']} | {r['error']} | | | | | | |")
                 continue
+            loop = _fmt_ratio(r["scan_ratio"]) if "scan_ratio" in r else "-"
             lines.append(f"| {r['method']} | {r['workload']} | {r['peer']} | {r['time_curvplan']['median'] * 1e3:.2f} | "
-                         f"{r['time_peer']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | "
+                         f"{r['time_peer']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | {loop} | "
                          f"{r['flops_curvplan'] / 1e6:.2f} | {r['flops_peer'] / 1e6:.2f} |")
         lines.append("")
     if result.get("vs_adamw"):
@@ -270,6 +329,22 @@ def markdown(result: dict) -> str:
             peer = f"{_fmt_ratio(r['ratio_vs_peer'])} ({r['peer']})" if "peer" in r else "-"
             lines.append(f"| {r['method']} | {r['workload']} | {r['period']} | {r['time_curvplan']['median'] * 1e3:.2f} | "
                          f"{r['time_adamw']['median'] * 1e3:.2f} | {_fmt_ratio(r['ratio_vs_adamw'])} | {peer} |")
+        lines.append("")
+    if result.get("geometry"):
+        g = result["geometry"]
+        t = g["times"]
+        lines += [f"**Geometry on {g['workload']}**: per-step time, interleaved over whole criterion periods "
+                  f"({g['period']} steps; the criterion refreshes once per period)", "",
+                  "| optimizer | ms/step |", "|---|---|"]
+        lines += [f"| {k} | {v['median'] * 1e3:.2f} |" for k, v in t.items()]
+        lines += ["", "| ratio | median (min-max) |", "|---|---|"]
+        lines += [f"| {r['a']} / {r['b']} | {_fmt_ratio(r)} |" for r in g["ratios"]]
+        lines += ["", f"Held-out loss after {g['budget']} steps (median (min-max) over {g['seeds']} seeds):", "",
+                  "| optimizer | final held-out loss | p per layer at the end (seed 0) |", "|---|---|---|"]
+        for m, r in g["final"].items():
+            p = r["runs"][0]["p"]
+            ps = ", ".join(f"{_short_key(k)}: {'∞' if v == float('inf') else f'{v:g}'}" for k, v in p.items()) if p else "-"
+            lines.append(f"| {m} (lr {r['learning_rate']:g}) | {r['median']:.4f} ({r['min']:.4f}-{r['max']:.4f}) | {ps} |")
         lines.append("")
     for t in result.get("ttt", []):
         lines += [f"**Time to target on {t['workload']}** (target held-out loss {t['target']:.4f} = AdamW's at 60% "
@@ -341,6 +416,7 @@ def validate(result: dict) -> None:
         assert len(r["time_planned"]["samples"]) >= 1 and all(s > 0 for s in r["time_planned"]["samples"]), r
         assert r["flops_planned"] > 0 and r["flops_unplanned_xla"] > 0, r
         assert r["phases"] >= 1 and r["explanation"], r
+        assert all(x > 0 for x in r["loop_planned"]["samples"] + r["loop_unplanned"]["samples"]), r
     for r in result.get("peers", []):
         assert "error" in r or r["time_ratio"]["median"] > 0, r
     for t in result.get("ttt", []):
@@ -363,7 +439,7 @@ QUICK = dict(workload="w1", steps=4, repeats=2, methods=["hutchinson_every_10"])
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["quick", "ablation", "peers", "kfac", "vs-adamw", "ttt", "all"])
+    ap.add_argument("suite", choices=["quick", "ablation", "peers", "kfac", "vs-adamw", "ttt", "geometry", "all"])
     ap.add_argument("--workload", default=None, help="override each method's workload")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per block (rounded up to whole periods)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -400,6 +476,8 @@ def main(argv=None) -> dict:
                 result["ttt"].append(suite_ttt(wl, budget, seeds, args.methods or methods, every))
             except WorkloadUnavailable as e:
                 _log(f"skipping {wl}: {e}")
+    if args.suite in ("geometry", "all"):
+        result["geometry"] = suite_geometry(args.steps, args.repeats, 3)
     result["peak_rss_mb"] = measure.peak_rss_mb()
     result["elapsed_s"] = time.perf_counter() - t0
     validate(result)
@@ -418,6 +496,12 @@ def main(argv=None) -> dict:
 
 VS_ADAMW = {"w1": ["shampoo", "soap", "scao", "muon"], "w3": ["shampoo", "soap", "scao", "muon"]}
 """Issue 6/7 figures: amortized per-step time vs AdamW (and vs optax.contrib.muon for muon)."""
+
+GEOMETRY = {"workload": "w3", "budget": 300, "eval_every": 100, "methods": ["muon", "adaptive_schatten", "muadam"],
+            "lr": {"muon": 0.05, "adaptive_schatten": 0.05, "muadam": 1e-3}}
+"""Issue 7 figures: adaptive Schatten-p vs Muon per-step time, and fixed-budget held-out loss (3 seeds). Learning
+rates: best held-out loss after 150 steps (seed 0) of {0.02, 0.05} for Muon, {0.01, 0.02, 0.05} for adaptive
+Schatten-p and {1e-3, 3e-3, 1e-2} for MuAdam; AdamW keeps `ADAMW_LR`."""
 
 TTT = {
     "w1": (600, 20, ["gauss_newton_cg", "sophia_h", "adahessian", "kfac", "shampoo", "soap", "scao", "muon"]),
