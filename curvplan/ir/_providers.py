@@ -6,7 +6,7 @@ implementation under the same name in `curvplan.lowering`).
 
 >>> from curvplan.ir import PROVIDERS
 >>> sorted(PROVIDERS)
-['layer_io', 'linearize_grad', 'linearize_model', 'loss_only', 'per_example_grads', 'value_and_grad']
+['layer_io', 'layer_io_sampled', 'linearize_grad', 'linearize_model', 'loss_only', 'per_example_grads', 'value_and_grad']
 >>> PROVIDERS["linearize_grad"].cost
 2.5
 """
@@ -61,6 +61,10 @@ for _rule in (
         (q.params(), q.batch(), q.rng()),
     ),
     ProviderRule("layer_io", frozenset({q.loss(), q.grad(), q.activations(), q.out_cotangents()}), 1.1),
+    # the same plus the cotangents at labels drawn from the model's predictive (a second backward pass)
+    ProviderRule("layer_io_sampled",
+                 frozenset({q.loss(), q.grad(), q.activations(), q.out_cotangents(labels="sampled")}), 2.2,
+                 (q.params(), q.batch(), q.rng())),
     # per-example gradients (vmap of grad over the batch): the empirical Fisher (1/B) Σ_b g_b g_bᵀ
     ProviderRule("per_example_grads", frozenset({q.loss(), q.grad(), q.fisher_op("empirical")}), 1.6),
 ):

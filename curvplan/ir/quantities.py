@@ -91,8 +91,10 @@ def activations(scope: str = "all") -> Quantity:
     return Quantity("activations", scope=scope)
 
 
-def out_cotangents(scope: str = "all") -> Quantity:
-    return Quantity("out_cotangents", scope=scope)
+def out_cotangents(scope: str = "all", *, labels: str = "true") -> Quantity:
+    """Layer output cotangents of the mean loss: at the batch's labels (``"true"``: the empirical Fisher) or at
+    labels sampled from the model's predictive (``"sampled"``: an unbiased one-sample estimate of the Fisher)."""
+    return Quantity("out_cotangents", None if labels == "true" else labels, scope=scope)
 
 
 def direction(name: str, *, scope: str = "all", **attrs: Any) -> Quantity:

@@ -236,12 +236,50 @@ def _layer_io(obj: Objective, params, batch, rng):
             q.out_cotangents(): LayerArrays(cots, report)}
 
 
+def _layer_io_sampled(obj: Objective, params, batch, rng):
+    """`_layer_io` plus ``%out_cotangents.sampled``: the layer output cotangents of the surrogate
+    ``Σ e · F(params) / n`` whose output gradient e is a draw with E[e eᵀ] = the loss Hessian in the outputs
+    (CE: softmax(F) − onehot(ŷ), ŷ ~ Cat(softmax F); MSE: −ε, ε ~ N(0, I)); n is the number of loss terms."""
+    if obj.model_fn is None:
+        raise LoweringError(
+            "sampled-label cotangents need the model outputs, but the objective is a plain loss function",
+            where="provider layer_io_sampled, quantity %out_cotangents.sampled",
+            fix="give `model_fn=..., loss='ce'|'mse'`, or use empirical (true-label) factors",
+        )
+    if rng is None:
+        raise LoweringError(
+            "sampled-label cotangents need random numbers but the step got no rng",
+            where="provider layer_io_sampled, quantity %out_cotangents.sampled",
+            fix="pass `rng=jax.random.key(0)` (a fresh key per step) to step / update",
+        )
+    vals = _layer_io(obj, params, batch, rng)
+    x, _ = batch
+    out = jax.lax.stop_gradient(obj.model_fn(params, x))
+    key = jax.random.fold_in(rng, 0x5A3)
+    if obj.loss_kind == "ce":
+        ys = jax.random.categorical(key, out, axis=-1)
+        e = jax.nn.softmax(out, axis=-1) - jax.nn.one_hot(ys, out.shape[-1], dtype=out.dtype)
+        n = out.size // out.shape[-1]
+    else:
+        e = -jax.random.normal(key, out.shape, out.dtype)
+        n = out.shape[0]
+
+    def surrogate(p, x, e):
+        return jnp.sum(e * obj.model_fn(p, x)) / n
+
+    report = discover_layers(surrogate, params, x, e)
+    cots = capture(surrogate, report, params, x, e)[3]
+    vals[q.out_cotangents(labels="sampled")] = LayerArrays(cots, report)
+    return vals
+
+
 PROVIDER_IMPLS: dict[str, Callable[..., dict]] = {
     "loss_only": _loss_only,
     "value_and_grad": _value_and_grad,
     "linearize_grad": _linearize_grad,
     "linearize_model": _linearize_model,
     "layer_io": _layer_io,
+    "layer_io_sampled": _layer_io_sampled,
     "per_example_grads": _per_example_grads,
 }
 

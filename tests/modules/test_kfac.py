@@ -83,6 +83,46 @@ def test_factors_equal_per_example_definitions_and_ema():
     assert outs[0]["['l0']['w']"][0].shape == (4, 4) and outs[0]["['l1']['w']"][0].shape == (4, 4)
 
 
+@pytest.mark.usefixtures("x64")
+def test_sampled_label_cotangents_follow_their_definition_and_average_to_the_fisher():
+    """With a fixed key, the sampled-label Γ of the output layer is (1/N) Σ e_n e_nᵀ for e_n = p_n − onehot(ŷ_n)
+    drawn exactly as the provider draws; over many keys it averages to the Fisher factor
+    (1/N) Σ (diag p_n − p_n p_nᵀ), within 5 standard errors of the mean measured over the draws."""
+    params, obj, batch = mlp_problem(n=8)
+    x, _ = batch
+    logits = obj.model_fn(params, x)
+    p = np.asarray(jax.nn.softmax(logits))
+    key = "['l1']['w']"
+
+    def gamma_of(rng):
+        vals = PROVIDER_IMPLS["layer_io_sampled"](obj, params, batch, rng)
+        d = np.asarray(vals[q.out_cotangents(labels="sampled")][key])
+        return d.T @ d * len(x)  # Γ = (1/N) Σ (N δ)(N δ)ᵀ
+
+    rng = jax.random.key(7)
+    ys = np.asarray(jax.random.categorical(jax.random.fold_in(rng, 0x5A3), logits, axis=-1))
+    e = p - np.eye(2)[ys]
+    np.testing.assert_allclose(gamma_of(rng), e.T @ e / len(x), rtol=1e-10, atol=1e-12)
+    draws = np.stack([gamma_of(jax.random.key(s)) for s in range(300)])
+    fisher = sum(np.diag(pn) - np.outer(pn, pn) for pn in p) / len(x)
+    se = draws.std(axis=0) / np.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(axis=0) - fisher) <= 5 * se + 1e-12), (draws.mean(axis=0), fisher, se)
+    # true-label outputs are unchanged by the extra draw
+    base = PROVIDER_IMPLS["layer_io"](obj, params, batch, None)
+    vals = PROVIDER_IMPLS["layer_io_sampled"](obj, params, batch, rng)
+    np.testing.assert_allclose(vals[q.grad()]["l0"]["w"], base[q.grad()]["l0"]["w"], rtol=1e-12)
+
+
+def test_sampled_label_kfac_plan_and_errors():
+    plan = cp.compile_plan(kfac(labels="sampled"))
+    assert "layer_io_sampled" in str(plan) and "%out_cotangents.sampled" in str(plan)
+    params, obj, batch = mlp_problem()
+    with pytest.raises(cp.LoweringError, match="rng"):
+        PROVIDER_IMPLS["layer_io_sampled"](obj, params, batch, None)
+    with pytest.raises(cp.LoweringError, match="model outputs"):
+        PROVIDER_IMPLS["layer_io_sampled"](Objective(loss_fn=obj.loss), params, batch, jax.random.key(0))
+
+
 def random_spd(rs, n, shift=0.1):
     m = rs.randn(n, n)
     return m @ m.T / n + shift * np.eye(n)
@@ -98,7 +138,8 @@ def test_direction_equals_materialized_kronecker_solve(mode):
     factors = {"['l0']['w']": (random_spd(rs, 4), random_spd(rs, 4)),
                "['l1']['w']": (random_spd(rs, 4), random_spd(rs, 2))}
     inv = KFACInverse()
-    bases, inv_state = inv.apply({kfac_factors(): {k: tuple(map(jnp.asarray, v)) for k, v in factors.items()}},
+    bases, inv_state = inv.apply({kfac_factors(): {k: tuple(map(jnp.asarray, v)) for k, v in factors.items()},
+                                  kfac_eigbasis(): inv.init_carried(None, params, ctx(params))},
                                  inv.init(params, ctx(params)), ctx(params))
     assert int(inv_state.failures) == 0
     gamma = 0.05
@@ -130,9 +171,10 @@ def test_failed_refresh_keeps_previous_bases_and_fallback_for_unhandled():
     inv = KFACInverse()
     state = inv.init(params, ctx(params))
     good = {"['l0']['w']": (jnp.eye(4) * 2.0, jnp.eye(4) * 3.0), "['l1']['w']": (jnp.eye(4), jnp.eye(2))}
-    out1, state = inv.apply({kfac_factors(): good}, state, ctx(params))
+    out1, state = inv.apply({kfac_factors(): good, kfac_eigbasis(): inv.init_carried(None, params, ctx(params))},
+                            state, ctx(params))
     bad = dict(good, **{"['l1']['w']": (jnp.full((4, 4), jnp.nan), jnp.eye(2))})
-    out2, state = inv.apply({kfac_factors(): bad}, state, ctx(params))
+    out2, state = inv.apply({kfac_factors(): bad, kfac_eigbasis(): out1[kfac_eigbasis()]}, state, ctx(params))
     assert int(state.failures) == 1
     jax.tree.map(np.testing.assert_array_equal, out2[kfac_eigbasis()], out1[kfac_eigbasis()])
 
@@ -155,16 +197,16 @@ def test_plan_text_shows_inverse_refresh_every_k():
         plan kfac: 2 phases, period 5
         phase 0 @every(5) [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, out_axis=-1)
-          %eigbasis.kfac                              = kfac_inverse(%kron.kfac; out_axis=-1) -> carried
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
+          %eigbasis.kfac                              = kfac_inverse(%kron.kfac, carried %eigbasis.kfac; out_axis=-1) -> carried
           %direction.kfac                             = kfac_direction(%grad, %eigbasis.kfac, %activations; damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
         phase 1 otherwise [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
           %direction.kfac                             = kfac_direction(%grad, carried %eigbasis.kfac, %activations; damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
-          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, out_axis=-1)
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
-        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.bases, kfac_inverse.failures, update_tail.opt_state, slot %eigbasis.kfac
+        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %eigbasis.kfac
     """)
 
 

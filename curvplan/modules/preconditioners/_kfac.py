@@ -85,13 +85,16 @@ class KFACFactors(Module):
 
     kind: Literal["kfac_factors"] = "kfac_factors"
     ema: float = Field(0.95, ge=0.0, lt=1.0)
+    labels: Literal["true", "sampled"] = "true"
+    """Γ from the cotangents at the batch's labels (empirical Fisher) or at labels sampled from the model's
+    predictive (the Fisher; needs ``model_fn``/``loss`` and an rng, and costs a second backward pass)."""
     out_axis: Literal[-1, 0] = -1
     cost = 0.2
     sink = True  # the averages must see every step's statistics, whether or not a refresh reads them
     state_fields = ("sums", "weight")
 
     def consumes(self):
-        return (fresh(q.activations()), fresh(q.out_cotangents()))
+        return (fresh(q.activations()), fresh(q.out_cotangents(labels=self.labels)))
 
     def produces(self):
         return (kfac_factors(),)
@@ -102,7 +105,7 @@ class KFACFactors(Module):
         return KFACFactorsState(sums, jnp.zeros((), dt))
 
     def apply(self, inputs, state, ctx):
-        acts, cots = inputs[q.activations()], inputs[q.out_cotangents()]
+        acts, cots = inputs[q.activations()], inputs[q.out_cotangents(labels=self.labels)]
         blocks = {k: (A.shape[0] - 1, G.shape[0]) for k, (A, G) in state.sums.items()}
         layers = _covered(_report(acts, ctx.module), blocks)
         sums, out = dict(state.sums), {}
@@ -144,7 +147,6 @@ def _safe_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class KFACInverseState(NamedTuple):
-    bases: dict  # the last good value of %eigbasis.kfac
     failures: jax.Array
 
 
@@ -162,17 +164,17 @@ class KFACInverse(Module):
     kind: Literal["kfac_inverse"] = "kfac_inverse"
     out_axis: Literal[-1, 0] = -1
     cost = 0.5
-    state_fields = ("bases", "failures")
+    state_fields = ("failures",)
     info_fields = (("kfac_inverse_failures", "int"),)
 
-    def consumes(self):
-        return (fresh(kfac_factors()),)
+    def consumes(self):  # its own carried output: the last good bases, kept when a refresh fails
+        return (fresh(kfac_factors()), carried(kfac_eigbasis()))
 
     def produces(self):
         return (kfac_eigbasis(),)
 
     def init(self, params, ctx):
-        return KFACInverseState(self.init_carried(None, params, ctx), jnp.zeros((), jnp.int32))
+        return KFACInverseState(jnp.zeros((), jnp.int32))
 
     def init_carried(self, qv, params, ctx):
         dt = jnp.result_type(float)
@@ -181,8 +183,8 @@ class KFACInverse(Module):
         return {"count": jnp.zeros((), jnp.int32), "layers": layers}
 
     def apply(self, inputs, state, ctx):
-        factors = inputs[kfac_factors()]
-        layers, finite = dict(state.bases["layers"]), jnp.array(True)
+        factors, prev = inputs[kfac_factors()], inputs[kfac_eigbasis()]
+        layers, finite = dict(prev["layers"]), jnp.array(True)
         for key, (A, G) in factors.items():
             lA, QA = _safe_eigh(A)
             lG, QG = _safe_eigh(G)
@@ -192,11 +194,11 @@ class KFACInverse(Module):
                 lA = jnp.concatenate([lA, jnp.zeros(pad, lA.dtype)])
             layers[key] = (QA, lA, QG, lG)
             finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (QA, lA, QG, lG)]))
-        new = {"count": state.bases["count"] + 1, "layers": layers}
-        bases = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.bases)
+        new = {"count": prev["count"] + 1, "layers": layers}
+        bases = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, prev)
         failures = state.failures + (~finite).astype(jnp.int32)
         ctx.report("kfac_inverse_failures", failures)
-        return {kfac_eigbasis(): bases}, KFACInverseState(bases, failures)
+        return {kfac_eigbasis(): bases}, KFACInverseState(failures)
 
 
 class KFACDirection(Module):
@@ -226,7 +228,8 @@ class KFACDirection(Module):
         return (q.direction("kfac"),)
 
     def init(self, params, ctx):
-        return (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+        v = jax.tree.map(jnp.zeros_like, params) if self.fallback == "diagonal" else ()  # EMA(g²) only if used
+        return (v, jnp.zeros((), jnp.int32))
 
     def apply(self, inputs, state, ctx):
         g = inputs[q.grad()]
@@ -235,13 +238,12 @@ class KFACDirection(Module):
         layers = _covered(report, _blocks(g, self.out_axis))
         v, count = state
         count = count + 1
-        v = jax.tree.map(lambda a, x: self.fallback_ema * a + (1 - self.fallback_ema) * jnp.square(x), v, g)
-        bc = 1 - self.fallback_ema ** count.astype(jnp.result_type(float))
-
-        def fb(x, vi):
-            return x if self.fallback == "identity" else x / (vi / bc + self.damping)
-
-        u = jax.tree.map(fb, g, v)
+        if self.fallback == "diagonal":
+            v = jax.tree.map(lambda a, x: self.fallback_ema * a + (1 - self.fallback_ema) * jnp.square(x), v, g)
+            bc = 1 - self.fallback_ema ** count.astype(jnp.result_type(float))
+            u = jax.tree.map(lambda x, vi: x / (vi / bc + self.damping), g, v)
+        else:
+            u = g
         flat_g = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
         solved: dict[str, jax.Array] = {}
         ready = basis["count"] > 0
@@ -287,6 +289,7 @@ def kfac(
     fallback: Literal["identity", "diagonal"] = "identity",
     out_axis: Literal[-1, 0] = -1,
     burnin: int = 0,
+    labels: Literal["true", "sampled"] = "true",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     clip_norm: float | None = None,
@@ -303,7 +306,7 @@ def kfac(
     from curvplan.modules.transforms import UpdateTail
 
     return [
-        KFACFactors(ema=ema, out_axis=out_axis, every=1),
+        KFACFactors(ema=ema, out_axis=out_axis, labels=labels, every=1),
         KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis),
         KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis),
         UpdateTail(learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
