@@ -199,11 +199,11 @@ def test_plan_text_shows_inverse_refresh_every_k():
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
           %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
           %eigbasis.kfac                              = kfac_inverse(%kron.kfac, carried %eigbasis.kfac; out_axis=-1) -> carried
-          %direction.kfac                             = kfac_direction(%grad, %eigbasis.kfac, %activations; damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %direction.kfac                             = kfac_direction(%grad, %eigbasis.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
         phase 1 otherwise [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %direction.kfac                             = kfac_direction(%grad, carried %eigbasis.kfac, %activations; damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %direction.kfac                             = kfac_direction(%grad, carried %eigbasis.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
           %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
         state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %eigbasis.kfac
@@ -225,3 +225,53 @@ def test_w1_trains_with_kfac():
         assert int(info.kfac_layers) == 3 and int(info.kfac_fallback_leaves) == 0
     assert float(w.loss_fn(params, fixed)) < 0.6 * first
     assert opt.trace_counts == [1, 1]  # each phase compiles once
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_adaptive_direction_uses_the_carried_lambda(mode):
+    """KFACDirection(adaptive=True) fed λ through %lambda gives the constant-damping direction with damping=λ."""
+    params, obj, batch = mlp_problem()
+    vals = PROVIDER_IMPLS["layer_io"](obj, params, batch, None)
+    inv = KFACInverse()
+    c = ctx(params)
+    factors = {k: v for k, v in KFACFactors().apply(
+        {q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
+        KFACFactors().init(params, c), c)[0][kfac_factors()].items()}
+    bases = inv.apply({kfac_factors(): factors, kfac_eigbasis(): inv.init_carried(None, params, c)},
+                      inv.init(params, c), c)[0][kfac_eigbasis()]
+    common = {q.grad(): vals[q.grad()], kfac_eigbasis(): bases, q.activations(): vals[q.activations()]}
+    fixed = KFACDirection(damping=0.037, damping_mode=mode)
+    adapt = KFACDirection(damping=1.0, damping_mode=mode, adaptive=True)
+    want = fixed.apply(common, fixed.init(params, c), c)[0][q.direction("kfac")]
+    got = adapt.apply({**common, q.lam(): jnp.asarray(0.037)}, adapt.init(params, c), c)[0][q.direction("kfac")]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), got, want)
+    assert q.lam() in [u.quantity for u in adapt.uses()] and q.lam() not in [u.quantity for u in fixed.uses()]
+
+
+def test_adaptive_damping_preset_trains_w1_and_adapts_lambda():
+    from benchmarks.workloads import get_workload
+
+    w = get_workload("w1")
+    mods = kfac(learning_rate=0.1, damping=0.1, inverse_every=5, adapt_damping_every=5)
+    opt = cp.Optimizer(mods, model_fn=w.model_fn, loss="ce")
+    assert "linearize_model" in str(opt.plan) and "trust_region_damping" in str(opt.plan)
+    params = w.init(jax.random.key(0))
+    state = opt.init(params)
+    full = (jnp.asarray(w.train[0][:512]), jnp.asarray(w.train[1][:512]))
+    before = float(w.loss_fn(params, full))
+    batches = w.batches(seed=0)
+    lams, rhos = [], []
+    for t in range(30):
+        params, state, info = opt.step(params, state, next(batches), rng=jax.random.key(t))
+        assert not bool(info.skipped)
+        if t % 5 == 0:
+            lams.append(float(info.lambda_next))
+            rhos.append(float(info.rho))
+    assert float(w.loss_fn(params, full)) < 0.5 * before
+    assert all(np.isfinite(rhos)), rhos
+    omega = (19 / 20) ** 5  # each adaptation multiplies λ by ω, 1/ω or 1, following ρ
+    ratios = np.asarray(lams) / np.asarray([0.1] + lams[:-1])
+    assert all(min(abs(r - f) for f in (omega, 1 / omega, 1.0)) < 1e-6 for r in ratios), ratios
+    assert any(abs(r - 1.0) > 1e-6 for r in ratios), (lams, rhos)
+    assert opt.trace_counts == [1] * len(opt.plan.phases)

@@ -204,7 +204,9 @@ class KFACInverse(Module):
 class KFACDirection(Module):
     """The K-FAC direction ``%direction.kfac``: per covered layer U solving (A ⊗ Γ + γ I) vec U = vec ∇
     (``damping_mode="exact"``) or with π-adjusted damping (``"pi"``), from the carried eigenbases; other leaves
-    use ``fallback``. Until the first refresh (``burnin``) the covered layers' directions are zero.
+    use ``fallback``. Until the first refresh (``burnin``) the covered layers' directions are zero. With
+    ``adaptive=True`` the damping γ is the carried ``%lambda`` (e.g. from `TrustRegionDamping`) instead of
+    ``damping``.
 
     >>> from curvplan.modules.preconditioners._kfac import KFACDirection
     >>> [u.quantity.name for u in KFACDirection().uses()]
@@ -217,12 +219,14 @@ class KFACDirection(Module):
     fallback: Literal["identity", "diagonal"] = "identity"
     fallback_ema: float = Field(0.99, ge=0.0, lt=1.0)
     out_axis: Literal[-1, 0] = -1
+    adaptive: bool = False
     cost = 0.1
     state_fields = ("v", "count")
     info_fields = (("kfac_layers", "int"), ("kfac_fallback_leaves", "int"))
 
     def consumes(self):
-        return (fresh(q.grad()), carried(kfac_eigbasis()), fresh(q.activations()))
+        uses = (fresh(q.grad()), carried(kfac_eigbasis()), fresh(q.activations()))
+        return uses + (carried(q.lam()),) if self.adaptive else uses
 
     def produces(self):
         return (q.direction("kfac"),)
@@ -234,6 +238,7 @@ class KFACDirection(Module):
     def apply(self, inputs, state, ctx):
         g = inputs[q.grad()]
         basis = inputs[kfac_eigbasis()]
+        gamma = inputs[q.lam()] if self.adaptive else self.damping
         report = _report(inputs[q.activations()], ctx.module)
         layers = _covered(report, _blocks(g, self.out_axis))
         v, count = state
@@ -241,7 +246,7 @@ class KFACDirection(Module):
         if self.fallback == "diagonal":
             v = jax.tree.map(lambda a, x: self.fallback_ema * a + (1 - self.fallback_ema) * jnp.square(x), v, g)
             bc = 1 - self.fallback_ema ** count.astype(jnp.result_type(float))
-            u = jax.tree.map(lambda x, vi: x / (vi / bc + self.damping), g, v)
+            u = jax.tree.map(lambda x, vi: x / (vi / bc + gamma), g, v)
         else:
             u = g
         flat_g = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
@@ -255,7 +260,7 @@ class KFACDirection(Module):
                 grad_m = jnp.concatenate([grad_m, flat_g[layer.bias][layer.bias_index][None].astype(QA.dtype)], 0)
                 n += 1
             QA, lA = QA[:n, :n], lA[:n]
-            U = self.solve(QA, lA, QG, lG, grad_m)
+            U = self.solve(QA, lA, QG, lG, grad_m, gamma)
             solved[key] = jnp.where(ready, layer.from_matrix(U[: layer.d_in]), 0.0).astype(flat_g[key].dtype)
             if layer.bias:
                 b = jnp.zeros_like(flat_g[layer.bias]).reshape(-1).at[layer.bias_index].set(U[-1])
@@ -266,15 +271,15 @@ class KFACDirection(Module):
         ctx.report("kfac_fallback_leaves", len(leaves) - len(solved))
         return {q.direction("kfac"): jax.tree.unflatten(treedef, leaves)}, (v, count)
 
-    def solve(self, QA, lA, QG, lG, grad_m):
-        """U with (A ⊗ Γ + damping) vec U = vec ∇ for A = Q_A diag(λ_A) Q_Aᵀ, Γ likewise (row-major vec)."""
+    def solve(self, QA, lA, QG, lG, grad_m, gamma):
+        """U with (A ⊗ Γ + γ) vec U = vec ∇ for A = Q_A diag(λ_A) Q_Aᵀ, Γ likewise (row-major vec)."""
         V = jnp.matmul(jnp.matmul(QA.T, grad_m, precision=_HI), QG, precision=_HI)
         if self.damping_mode == "exact":
-            V = V / (lA[:, None] * lG[None, :] + self.damping)
+            V = V / (lA[:, None] * lG[None, :] + gamma)
         else:
             tA, tG = jnp.mean(lA), jnp.mean(lG)
             pi = jnp.where((tA > 0) & (tG > 0), jnp.sqrt(tA / jnp.where(tG > 0, tG, 1.0)), 1.0)
-            s = jnp.sqrt(self.damping)
+            s = jnp.sqrt(gamma)
             V = V / ((lA + pi * s)[:, None] * (lG + s / pi)[None, :])
         return jnp.matmul(jnp.matmul(QA, V, precision=_HI), QG.T, precision=_HI)
 
@@ -290,6 +295,8 @@ def kfac(
     out_axis: Literal[-1, 0] = -1,
     burnin: int = 0,
     labels: Literal["true", "sampled"] = "true",
+    adapt_damping_every: int | None = None,
+    loss: Literal["ce", "mse"] = "ce",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     clip_norm: float | None = None,
@@ -298,6 +305,11 @@ def kfac(
     π-adjusted damping, then ``-lr·U`` through `UpdateTail`. Before the first refresh (the ``burnin`` steps, which
     still accumulate factors) the covered layers do not move.
 
+    ``adapt_damping_every=k`` makes the damping adaptive as kfac-jax does (Martens & Grosse §6.5): every k steps
+    the gain ratio ρ of the applied update under the GGN quadratic model of ``loss`` (`GainRatio`, without the
+    λ term) drives `TrustRegionDamping` from ``damping``, λ ×= ω on ρ > 3/4 and λ /= ω on ρ < 1/4 with
+    ω = (19/20)^k. Those steps also linearize the model (one GGN-vector product and one extra forward).
+
     >>> import curvplan as cp
     >>> from curvplan.modules.preconditioners._kfac import kfac
     >>> cp.compile_plan(kfac(inverse_every=3)).period
@@ -305,10 +317,20 @@ def kfac(
     """
     from curvplan.modules.transforms import UpdateTail
 
-    return [
+    from curvplan.modules.curvature import GGN
+    from curvplan.modules.damping import GainRatio, TrustRegionDamping
+
+    adaptive = adapt_damping_every is not None
+    mods: list[Module] = [
         KFACFactors(ema=ema, out_axis=out_axis, labels=labels, every=1),
         KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis),
-        KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis),
+        KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis,
+                      adaptive=adaptive),
         UpdateTail(learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
                    clip_norm=clip_norm),
     ]
+    if adaptive:
+        omega = (19 / 20) ** adapt_damping_every
+        mods += [GGN(loss=loss), GainRatio(every=adapt_damping_every, include_lambda=False),
+                 TrustRegionDamping(lam0=damping, every=adapt_damping_every, increase=1 / omega, decrease=omega)]
+    return mods
