@@ -21,6 +21,7 @@ from curvplan.modules.preconditioners._kfac import (
     kfac,
     kfac_eigbasis,
     kfac_factors,
+    kfac_inverses,
 )
 from curvplan.testing import assert_plan_text
 
@@ -137,15 +138,17 @@ def test_direction_equals_materialized_kronecker_solve(mode):
     rs = np.random.RandomState(0)
     factors = {"['l0']['w']": (random_spd(rs, 4), random_spd(rs, 4)),
                "['l1']['w']": (random_spd(rs, 4), random_spd(rs, 2))}
-    inv = KFACInverse()
+    gamma = 0.05
+    inv = KFACInverse(pi_damping=gamma if mode == "pi" else None)  # "pi": stores the damped inverses
+    carried_q = kfac_inverses(gamma) if mode == "pi" else kfac_eigbasis()
     bases, inv_state = inv.apply({kfac_factors(): {k: tuple(map(jnp.asarray, v)) for k, v in factors.items()},
-                                  kfac_eigbasis(): inv.init_carried(None, params, ctx(params))},
+                                  carried_q: inv.init_carried(None, params, ctx(params))},
                                  inv.init(params, ctx(params)), ctx(params))
     assert int(inv_state.failures) == 0
-    gamma = 0.05
     direc = KFACDirection(damping=gamma, damping_mode=mode)
+    assert carried_q in [u.quantity for u in direc.uses()]
     g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
-    out, _ = direc.apply({q.grad(): g, kfac_eigbasis(): bases[kfac_eigbasis()], q.activations(): acts},
+    out, _ = direc.apply({q.grad(): g, carried_q: bases[carried_q], q.activations(): acts},
                          direc.init(params, ctx(params)), ctx(params))
     u = out[q.direction("kfac")]
 
@@ -183,7 +186,7 @@ def test_failed_refresh_keeps_previous_bases_and_fallback_for_unhandled():
     loss = lambda p, b: jnp.sum((b @ p["w"] @ p["w"] @ p["u"]) ** 2)  # noqa: E731
     vals = PROVIDER_IMPLS["layer_io"](Objective(loss_fn=loss), shared, jnp.ones((2, 3)), None)
     assert "['w']" in vals[q.activations()].report.skipped
-    direc = KFACDirection()
+    direc = KFACDirection(damping_mode="exact")
     c = ctx(shared)
     out, _ = direc.apply({q.grad(): vals[q.grad()], kfac_eigbasis(): inv.init_carried(None, shared, c),
                           q.activations(): vals[q.activations()]}, direc.init(shared, c), c)
@@ -198,15 +201,15 @@ def test_plan_text_shows_inverse_refresh_every_k():
         phase 0 @every(5) [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
           %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
-          %eigbasis.kfac                              = kfac_inverse(%kron.kfac, carried %eigbasis.kfac; out_axis=-1) -> carried
-          %direction.kfac                             = kfac_direction(%grad, %eigbasis.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %inverse.kfac                               = kfac_inverse(%kron.kfac, carried %inverse.kfac; out_axis=-1, pi_damping=0.1) -> carried
+          %direction.kfac                             = kfac_direction(%grad, %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
         phase 1 otherwise [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %direction.kfac                             = kfac_direction(%grad, carried %eigbasis.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %direction.kfac                             = kfac_direction(%grad, carried %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
           %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
-        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %eigbasis.kfac
+        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
     """)
 
 
@@ -233,18 +236,23 @@ def test_adaptive_direction_uses_the_carried_lambda(mode):
     """KFACDirection(adaptive=True) fed λ through %lambda gives the constant-damping direction with damping=λ."""
     params, obj, batch = mlp_problem()
     vals = PROVIDER_IMPLS["layer_io"](obj, params, batch, None)
-    inv = KFACInverse()
     c = ctx(params)
     factors = {k: v for k, v in KFACFactors().apply(
         {q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
         KFACFactors().init(params, c), c)[0][kfac_factors()].items()}
-    bases = inv.apply({kfac_factors(): factors, kfac_eigbasis(): inv.init_carried(None, params, c)},
-                      inv.init(params, c), c)[0][kfac_eigbasis()]
-    common = {q.grad(): vals[q.grad()], kfac_eigbasis(): bases, q.activations(): vals[q.activations()]}
+
+    def refreshed(inv, out_q):
+        return inv.apply({kfac_factors(): factors, out_q: inv.init_carried(None, params, c)},
+                         inv.init(params, c), c)[0][out_q]
+
+    common = {q.grad(): vals[q.grad()], q.activations(): vals[q.activations()]}
     fixed = KFACDirection(damping=0.037, damping_mode=mode)
-    adapt = KFACDirection(damping=1.0, damping_mode=mode, adaptive=True)
-    want = fixed.apply(common, fixed.init(params, c), c)[0][q.direction("kfac")]
-    got = adapt.apply({**common, q.lam(): jnp.asarray(0.037)}, adapt.init(params, c), c)[0][q.direction("kfac")]
+    fixed_q = kfac_inverses(0.037) if mode == "pi" else kfac_eigbasis()
+    fixed_in = {**common, fixed_q: refreshed(KFACInverse(pi_damping=0.037 if mode == "pi" else None), fixed_q)}
+    adapt = KFACDirection(damping=1.0, damping_mode=mode, adaptive=True)  # always the eigen form
+    adapt_in = {**common, kfac_eigbasis(): refreshed(KFACInverse(), kfac_eigbasis()), q.lam(): jnp.asarray(0.037)}
+    want = fixed.apply(fixed_in, fixed.init(params, c), c)[0][q.direction("kfac")]
+    got = adapt.apply(adapt_in, adapt.init(params, c), c)[0][q.direction("kfac")]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), got, want)
     assert q.lam() in [u.quantity for u in adapt.uses()] and q.lam() not in [u.quantity for u in fixed.uses()]
 

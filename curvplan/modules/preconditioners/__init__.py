@@ -8,6 +8,7 @@ from curvplan.modules.preconditioners._kfac import (
     KFACFactors,
     KFACInverse,
     kfac_eigbasis,
+    kfac_inverses,
     kfac_factors,
 )
 from curvplan.modules.preconditioners._scao import (
@@ -24,5 +25,5 @@ from curvplan.modules.preconditioners._spatial import SpatialAverage, spatial_av
 
 __all__ = ["DiagEMA", "DiagonalDirection", "SpatialAverage", "KFACFactors", "KFACInverse", "KFACDirection",
            "GradGram", "GramEigbasis", "Shampoo", "Soap", "ScaoSpectrum", "ScaoPrecondition", "ScaoBlend",
-           "ScaoAdam", "precond_diag", "spatial_average", "kfac_factors", "kfac_eigbasis", "grad_gram", "eigbasis_of",
+           "ScaoAdam", "precond_diag", "spatial_average", "kfac_factors", "kfac_eigbasis", "kfac_inverses", "grad_gram", "eigbasis_of",
            "layout_report", "inverse_root", "select_rank", "spectral_rank"]

@@ -44,6 +44,19 @@ def kfac_eigbasis() -> q.Quantity:
     return q.eigbasis(kfac_factors())
 
 
+def kfac_inverses(damping: float) -> q.Quantity:
+    """``%inverse.kfac``: per layer π-damped factor inverses (Â⁻¹, Γ̂⁻¹) for a fixed damping (carried)."""
+    return q.quantity("inverse", "kfac", damping=float(damping))
+
+
+def _pi_damped(lA, lG, gamma):
+    """The π-adjusted Tikhonov terms (π√γ, √γ/π) for factors with eigenvalues ``lA``, ``lG`` (§6.1)."""
+    tA, tG = jnp.mean(lA), jnp.mean(lG)
+    pi = jnp.where((tA > 0) & (tG > 0), jnp.sqrt(tA / jnp.where(tG > 0, tG, 1.0)), 1.0)
+    s = jnp.sqrt(gamma)
+    return pi * s, s / pi
+
+
 def _blocks(params, out_axis: int) -> dict[str, tuple[int, int]]:
     """Leaf key -> (d_in, d_out) of the state blocks, from shapes only."""
     out = {}
@@ -156,6 +169,9 @@ class KFACInverse(Module):
     at 0; layers without a bias pad A's unused homogeneous slot with an identity block). A refresh that is not
     finite keeps the previous bases and is counted in ``kfac_inverse_failures``.
 
+    With ``pi_damping=γ`` it stores the π-damped inverses ``(Â⁻¹, Γ̂⁻¹)`` instead, as ``%inverse.kfac``: a
+    direction with a fixed damping then costs two matrix products per layer instead of four.
+
     >>> from curvplan.modules.preconditioners._kfac import KFACInverse
     >>> str(KFACInverse(every=5).cadence)
     '@every(5)'
@@ -163,42 +179,59 @@ class KFACInverse(Module):
 
     kind: Literal["kfac_inverse"] = "kfac_inverse"
     out_axis: Literal[-1, 0] = -1
+    pi_damping: float | None = Field(None, gt=0)
     cost = 0.5
     state_fields = ("failures",)
     info_fields = (("kfac_inverse_failures", "int"),)
 
-    def consumes(self):  # its own carried output: the last good bases, kept when a refresh fails
-        return (fresh(kfac_factors()), carried(kfac_eigbasis()))
+    def _out(self):
+        return kfac_eigbasis() if self.pi_damping is None else kfac_inverses(self.pi_damping)
+
+    def consumes(self):  # its own carried output: the last good value, kept when a refresh fails
+        return (fresh(kfac_factors()), carried(self._out()))
 
     def produces(self):
-        return (kfac_eigbasis(),)
+        return (self._out(),)
 
     def init(self, params, ctx):
         return KFACInverseState(jnp.zeros((), jnp.int32))
 
     def init_carried(self, qv, params, ctx):
         dt = jnp.result_type(float)
-        layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.zeros(i + 1, dt), jnp.eye(o, dtype=dt), jnp.zeros(o, dt))
-                  for k, (i, o) in _blocks(params, self.out_axis).items()}
+        if self.pi_damping is None:
+            layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.zeros(i + 1, dt), jnp.eye(o, dtype=dt), jnp.zeros(o, dt))
+                      for k, (i, o) in _blocks(params, self.out_axis).items()}
+        else:
+            layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.eye(o, dtype=dt))
+                      for k, (i, o) in _blocks(params, self.out_axis).items()}
         return {"count": jnp.zeros((), jnp.int32), "layers": layers}
 
     def apply(self, inputs, state, ctx):
-        factors, prev = inputs[kfac_factors()], inputs[kfac_eigbasis()]
+        factors, prev = inputs[kfac_factors()], inputs[self._out()]
         layers, finite = dict(prev["layers"]), jnp.array(True)
         for key, (A, G) in factors.items():
             lA, QA = _safe_eigh(A)
             lG, QG = _safe_eigh(G)
             pad = layers[key][0].shape[0] - A.shape[0]
-            if pad:
-                QA = jax.scipy.linalg.block_diag(QA, jnp.eye(pad, dtype=QA.dtype))
-                lA = jnp.concatenate([lA, jnp.zeros(pad, lA.dtype)])
-            layers[key] = (QA, lA, QG, lG)
-            finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (QA, lA, QG, lG)]))
+            if self.pi_damping is None:
+                if pad:
+                    QA = jax.scipy.linalg.block_diag(QA, jnp.eye(pad, dtype=QA.dtype))
+                    lA = jnp.concatenate([lA, jnp.zeros(pad, lA.dtype)])
+                entry = (QA, lA, QG, lG)
+            else:
+                dA, dG = _pi_damped(lA, lG, self.pi_damping)
+                Ainv = jnp.matmul(QA / (lA + dA)[None, :], QA.T, precision=_HI)
+                Ginv = jnp.matmul(QG / (lG + dG)[None, :], QG.T, precision=_HI)
+                if pad:
+                    Ainv = jax.scipy.linalg.block_diag(Ainv, jnp.eye(pad, dtype=Ainv.dtype))
+                entry = (_linalg.symmetrize(Ainv), _linalg.symmetrize(Ginv))
+            layers[key] = entry
+            finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in entry]))
         new = {"count": prev["count"] + 1, "layers": layers}
-        bases = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, prev)
+        out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, prev)
         failures = state.failures + (~finite).astype(jnp.int32)
         ctx.report("kfac_inverse_failures", failures)
-        return {kfac_eigbasis(): bases}, KFACInverseState(failures)
+        return {self._out(): out}, KFACInverseState(failures)
 
 
 class KFACDirection(Module):
@@ -206,10 +239,13 @@ class KFACDirection(Module):
     (``damping_mode="exact"``) or with π-adjusted damping (``"pi"``), from the carried eigenbases; other leaves
     use ``fallback``. Until the first refresh (``burnin``) the covered layers' directions are zero. With
     ``adaptive=True`` the damping γ is the carried ``%lambda`` (e.g. from `TrustRegionDamping`) instead of
-    ``damping``.
+    ``damping``. With a fixed damping in ``"pi"`` mode it reads the inverses of ``KFACInverse(pi_damping=damping)``
+    (``%inverse.kfac``); otherwise the eigenbases.
 
     >>> from curvplan.modules.preconditioners._kfac import KFACDirection
     >>> [u.quantity.name for u in KFACDirection().uses()]
+    ['%grad', '%inverse.kfac', '%activations']
+    >>> [u.quantity.name for u in KFACDirection(damping_mode="exact").uses()]
     ['%grad', '%eigbasis.kfac', '%activations']
     """
 
@@ -224,8 +260,15 @@ class KFACDirection(Module):
     state_fields = ("v", "count")
     info_fields = (("kfac_layers", "int"), ("kfac_fallback_leaves", "int"))
 
+    @property
+    def _uses_inverses(self) -> bool:
+        return self.damping_mode == "pi" and not self.adaptive
+
+    def _basis(self):
+        return kfac_inverses(self.damping) if self._uses_inverses else kfac_eigbasis()
+
     def consumes(self):
-        uses = (fresh(q.grad()), carried(kfac_eigbasis()), fresh(q.activations()))
+        uses = (fresh(q.grad()), carried(self._basis()), fresh(q.activations()))
         return uses + (carried(q.lam()),) if self.adaptive else uses
 
     def produces(self):
@@ -237,7 +280,7 @@ class KFACDirection(Module):
 
     def apply(self, inputs, state, ctx):
         g = inputs[q.grad()]
-        basis = inputs[kfac_eigbasis()]
+        basis = inputs[self._basis()]
         gamma = inputs[q.lam()] if self.adaptive else self.damping
         report = _report(inputs[q.activations()], ctx.module)
         layers = _covered(report, _blocks(g, self.out_axis))
@@ -253,14 +296,19 @@ class KFACDirection(Module):
         solved: dict[str, jax.Array] = {}
         ready = basis["count"] > 0
         for key, layer in layers.items():
-            QA, lA, QG, lG = basis["layers"][key]
-            grad_m = layer.to_matrix(flat_g[key]).astype(QA.dtype)
+            entry = basis["layers"][key]
+            dt = entry[0].dtype
+            grad_m = layer.to_matrix(flat_g[key]).astype(dt)
             n = layer.d_in
             if layer.bias:
-                grad_m = jnp.concatenate([grad_m, flat_g[layer.bias][layer.bias_index][None].astype(QA.dtype)], 0)
+                grad_m = jnp.concatenate([grad_m, flat_g[layer.bias][layer.bias_index][None].astype(dt)], 0)
                 n += 1
-            QA, lA = QA[:n, :n], lA[:n]
-            U = self.solve(QA, lA, QG, lG, grad_m, gamma)
+            if self._uses_inverses:
+                Ainv, Ginv = entry
+                U = jnp.matmul(jnp.matmul(Ainv[:n, :n], grad_m, precision=_HI), Ginv, precision=_HI)
+            else:
+                QA, lA, QG, lG = entry
+                U = self.solve(QA[:n, :n], lA[:n], QG, lG, grad_m, gamma)
             solved[key] = jnp.where(ready, layer.from_matrix(U[: layer.d_in]), 0.0).astype(flat_g[key].dtype)
             if layer.bias:
                 b = jnp.zeros_like(flat_g[layer.bias]).reshape(-1).at[layer.bias_index].set(U[-1])
@@ -277,10 +325,8 @@ class KFACDirection(Module):
         if self.damping_mode == "exact":
             V = V / (lA[:, None] * lG[None, :] + gamma)
         else:
-            tA, tG = jnp.mean(lA), jnp.mean(lG)
-            pi = jnp.where((tA > 0) & (tG > 0), jnp.sqrt(tA / jnp.where(tG > 0, tG, 1.0)), 1.0)
-            s = jnp.sqrt(gamma)
-            V = V / ((lA + pi * s)[:, None] * (lG + s / pi)[None, :])
+            dA, dG = _pi_damped(lA, lG, gamma)
+            V = V / ((lA + dA)[:, None] * (lG + dG)[None, :])
         return jnp.matmul(jnp.matmul(QA, V, precision=_HI), QG.T, precision=_HI)
 
 
@@ -323,7 +369,8 @@ def kfac(
     adaptive = adapt_damping_every is not None
     mods: list[Module] = [
         KFACFactors(ema=ema, out_axis=out_axis, labels=labels, every=1),
-        KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis),
+        KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis,
+                    pi_damping=damping if damping_mode == "pi" and not adaptive else None),
         KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis,
                       adaptive=adaptive),
         UpdateTail(learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
