@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import optax_trajectory
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
@@ -44,17 +45,6 @@ def make_problem(seed=0):
     return params, loss_fn, batches
 
 
-def run_optax(tx, params, loss_fn, batches):
-    @jax.jit
-    def step(params, state, b):
-        u, state = tx.update(jax.grad(loss_fn)(params, b), state, params)
-        return optax.apply_updates(params, u), state
-
-    state, out = tx.init(params), []
-    for b in batches:
-        params, state = step(params, state, b)
-        out.append(params)
-    return out
 
 
 def run_curvplan(modules, params, loss_fn, batches):
@@ -79,7 +69,7 @@ def assert_trajectories_close(a, b, atol=2e-6):
 
 def test_muon_equals_optax_contrib_muon_default_routing():
     params, loss_fn, batches = make_problem()
-    ref = run_optax(optax.contrib.muon(0.05), params, loss_fn, batches)
+    ref = optax_trajectory(optax.contrib.muon(0.05), params, loss_fn, batches)
     got = run_curvplan(presets.muon(0.05), params, loss_fn, batches)
     assert_trajectories_close(got, ref)
 
@@ -102,7 +92,7 @@ def test_muon_equals_optax_with_head_and_embedding_on_adam_weight_decay_and_adam
         adam_learning_rate=0.006,
         muon_weight_dimension_numbers=dims,
     )
-    ref = run_optax(tx, params, loss_fn, batches)
+    ref = optax_trajectory(tx, params, loss_fn, batches)
     mods = presets.muon(
         0.03, weight_decay=0.1, adam_weight_decay=0.01, adam_lr_ratio=0.2, adam_keys=("['embed']", "['head']")
     )
@@ -123,7 +113,7 @@ def test_muon_equals_optax_with_head_and_embedding_on_adam_weight_decay_and_adam
 
 def test_muon_as_optax_matches_too():
     params, loss_fn, batches = make_problem(2)
-    ref = run_optax(optax.contrib.muon(0.05), params, loss_fn, batches[:3])
+    ref = optax_trajectory(optax.contrib.muon(0.05), params, loss_fn, batches[:3])
     tx = cp.as_optax(presets.muon(0.05), loss_fn=loss_fn)
     state, p, got = tx.init(params), params, []
     for b in batches[:3]:

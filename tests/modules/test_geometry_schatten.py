@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import optax_trajectory
 
 import curvplan as cp
 from curvplan.ir import fresh
@@ -208,17 +209,6 @@ def trajectory_curvplan(modules, params, loss_fn, batches):
     return out
 
 
-def trajectory_optax(tx, params, loss_fn, batches):
-    @jax.jit
-    def step(params, state, b):
-        u, state = tx.update(jax.grad(loss_fn)(params, b), state, params)
-        return optax.apply_updates(params, u), state
-
-    state, out = tx.init(params), []
-    for b in batches:
-        params, state = step(params, state, b)
-        out.append(params)
-    return out
 
 
 def close(a, b, tol=1e-9):
@@ -235,12 +225,12 @@ def corner(lr, **kw):
 def test_corner_sgd():
     params, loss_fn, batches = problem()
     got = trajectory_curvplan(corner(0.1, fixed_p=1.0, beta=0.0, nesterov=False), params, loss_fn, batches)
-    close(got, trajectory_optax(optax.sgd(0.1), params, loss_fn, batches))
+    close(got, optax_trajectory(optax.sgd(0.1), params, loss_fn, batches))
     # with momentum: the bias-corrected EMA of the gradient (optax.ema with debias) times −lr
     got = trajectory_curvplan(corner(0.1, fixed_p=1.0, beta=0.9, nesterov=False), params, loss_fn, batches)
     close(
         got,
-        trajectory_optax(
+        optax_trajectory(
             optax.chain(optax.ema(0.9, debias=True), optax.scale(-0.1)), params, loss_fn, batches
         ),
     )
@@ -251,7 +241,7 @@ def test_corner_adam():
     got = trajectory_curvplan(
         corner(0.01, fixed_p=1.0, beta=0.9, nesterov=False, precondition="adam"), params, loss_fn, batches
     )
-    close(got, trajectory_optax(optax.adam(0.01), params, loss_fn, batches))
+    close(got, optax_trajectory(optax.adam(0.01), params, loss_fn, batches))
 
 
 def test_corner_muon():
@@ -259,7 +249,7 @@ def test_corner_muon():
     got = trajectory_curvplan(
         corner(0.02, fixed_p="inf", method="newton_schulz", vectors="adam"), params, loss_fn, batches
     )
-    close(got, trajectory_optax(optax.contrib.muon(0.02), params, loss_fn, batches))
+    close(got, optax_trajectory(optax.contrib.muon(0.02), params, loss_fn, batches))
     # the exact path is Muon with the exact polar factor
     got = trajectory_curvplan(corner(0.02, fixed_p="inf", vectors="adam"), params, loss_fn, batches)
     close(

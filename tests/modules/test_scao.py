@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import train_losses
 
 import curvplan as cp
+from curvplan import scao
 from curvplan.ir import quantities as q
 from curvplan.modules._base import Context
 from curvplan.modules.preconditioners._grad_gram import GradGram, GramEigbasis
-from curvplan import scao
 from curvplan.modules.preconditioners._scao import (
     ScaoAdam,
     ScaoBlend,
@@ -132,13 +133,7 @@ def test_w3_smoke_scao_preconditioned_from_the_first_step():
     mods = scao_modules(learning_rate=1e-3, warmup_steps=0, precond_freq=1, blend_steps=0, min_precond_updates=1)
     opt = cp.Optimizer(mods, **w.optimizer_kwargs())
     assert len(opt.plan.phases) == 1
-    params = w.init(jax.random.key(0))
-    state = opt.init(params)
-    batch = next(w.batches(0, batch_size=8))
-    losses = []
-    for _ in range(3):
-        params, state, info = opt.step(params, state, batch)
-        losses.append(float(info.loss))
+    losses, info = train_losses(opt, w, 3, batch_size=8, same_batch=True)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert float(info.scao_mean_rank) >= 8
 

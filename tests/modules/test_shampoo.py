@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import never_loss, random_grads, run_optax, train_losses
 
 import curvplan as cp
 from curvplan.ir import quantities as q
@@ -22,10 +23,6 @@ from curvplan.modules.preconditioners._grad_gram import (
 from curvplan.modules.preconditioners._shampoo import Shampoo, inverse_root, shampoo
 
 
-def _never(params, batch):  # the optax wrapper is given the gradient: no loss is evaluated
-    raise AssertionError("loss evaluated")
-
-
 def np_root(a, p=4.0, eps=1e-6):
     """(A + eps·λmax I)^(-1/p) by numpy eigh (eigenvalues clipped at 0)."""
     w, v = np.linalg.eigh(0.5 * (a + a.T))
@@ -33,20 +30,8 @@ def np_root(a, p=4.0, eps=1e-6):
     return (v * (w + eps * w.max()) ** (-1.0 / p)) @ v.T
 
 
-def _grads(seed, shapes, n):
-    rng = np.random.default_rng(seed)
-    return [{k: rng.normal(size=s) for k, s in shapes.items()} for _ in range(n)]
 
 
-def _run_optax(modules, params, grads):
-    tx = cp.as_optax(modules, loss_fn=_never)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    out = []
-    for g in grads:
-        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
-        out.append(u)
-    return out, state
 
 
 def _shampoo_list(graft, block_size=None, max_dim=4096, every=1, start=0):
@@ -65,7 +50,7 @@ def test_fallback_leaves_are_reported():
     assert layout_report(params, spec) == {
         "['big']": "diagonal", "['conv']": "kron 2 blocks (10x4, 8x4)", "['m']": "kron 1 block (4x3)",
         "['v']": "diagonal"}
-    tx = cp.as_optax(shampoo(max_dim=100, block_size=10, root_every=1), loss_fn=_never)
+    tx = cp.as_optax(shampoo(max_dim=100, block_size=10, root_every=1), loss_fn=never_loss)
     state = tx.init(params)
     _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert int(state.info.shampoo_fallback_leaves) == 2
@@ -75,14 +60,8 @@ def test_w1_trains_with_shampoo():
     from benchmarks.workloads import get_workload
 
     w = get_workload("w1")
-    params = w.init(jax.random.key(0))
     opt = cp.Optimizer(shampoo(learning_rate=0.02, root_every=5, graft="adam"), **w.optimizer_kwargs())
-    state = opt.init(params)
-    batches = w.batches(0)
-    losses = []
-    for _ in range(15):
-        params, state, info = opt.step(params, state, next(batches))
-        losses.append(float(info.loss))
+    losses, _ = train_losses(opt, w, 15)
     assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     assert opt.trace_counts == [1] * len(opt.plan.phases)
 
@@ -136,9 +115,9 @@ def test_shampoo_direction_matches_dense_reference(x64, graft):
     """Roots refreshed every step: update = −L̃^(-1/4) G R̃^(-1/4) with L = Σ G Gᵀ, R = Σ Gᵀ G (numpy), grafted
     to the AdaGrad direction's norm; the bias (a vector) takes the graft direction (or g without grafting)."""
     shapes = {"w": (5, 3), "b": (3,)}
-    grads = _grads(1, shapes, 3)
+    grads = random_grads(1, shapes, 3)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
-    updates, _ = _run_optax(_shampoo_list(graft), params, grads)
+    updates, _ = run_optax(_shampoo_list(graft), params, grads)
     L, R = np.zeros((5, 5)), np.zeros((3, 3))
     acc = {k: np.zeros(s) for k, s in shapes.items()}
     for g, u in zip(grads, updates):
@@ -158,10 +137,10 @@ def test_shampoo_direction_matches_dense_reference(x64, graft):
 
 def test_blocking_preconditions_each_block_with_its_own_factors(x64):
     shapes = {"w": (5, 3)}
-    grads = _grads(2, shapes, 2)
+    grads = random_grads(2, shapes, 2)
     assert gram_layout((5, 3), 2, 4096) == ((0, 2, 0, 2), (0, 2, 2, 3), (2, 4, 0, 2), (2, 4, 2, 3),
                                             (4, 5, 0, 2), (4, 5, 2, 3))
-    updates, _ = _run_optax(_shampoo_list("none", block_size=2), {"w": jnp.zeros((5, 3))}, grads)
+    updates, _ = run_optax(_shampoo_list("none", block_size=2), {"w": jnp.zeros((5, 3))}, grads)
     acc = {}
     for g, u in zip(grads, updates):
         want = np.zeros((5, 3))
@@ -178,12 +157,12 @@ def test_roots_refresh_on_cadence_and_graft_only_before_start(x64):
     """Roots every 2 steps from step 3: steps 0-2 use the SGD graft (= g); steps 3, 4 use the roots of the
     factors at step 3; step 5 refreshes again."""
     shapes = {"w": (4, 3)}
-    grads = _grads(3, shapes, 6)
+    grads = random_grads(3, shapes, 6)
     mods = _shampoo_list("none", every=2, start=3)
     plan = cp.compile_plan(mods)
     assert plan.prefix == 3 and [plan.running(t) >= {"gram_eigbasis"} for t in range(7)] == [
         False, False, False, True, False, True, False]
-    updates, state = _run_optax(mods, {"w": jnp.zeros((4, 3))}, grads)
+    updates, state = run_optax(mods, {"w": jnp.zeros((4, 3))}, grads)
     L, R = np.zeros((4, 4)), np.zeros((3, 3))
     roots = None
     for t, (g, u) in enumerate(zip(grads, updates)):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_grads, run_optax, train_losses
 
 import curvplan as cp
 from curvplan.ir import fresh
@@ -18,26 +19,6 @@ from curvplan.modules.preconditioners._grad_gram import Eigbasis, Eigen, GradGra
 from curvplan.modules.preconditioners._shampoo import Shampoo
 from curvplan.modules.preconditioners._soap import Soap, soap
 from curvplan.testing import assert_plan_text
-
-
-def _never(params, batch):
-    raise AssertionError("loss evaluated")
-
-
-def _grads(seed, shapes, n):
-    rng = np.random.default_rng(seed)
-    return [{k: rng.normal(size=s) for k, s in shapes.items()} for _ in range(n)]
-
-
-def _run_optax(modules, params, grads):
-    tx = cp.as_optax(modules, loss_fn=_never)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    out = []
-    for g in grads:
-        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
-        out.append(u)
-    return out
 
 
 def _soap_list(method, every, moments, beta=0.9, b1=0.8, b2=0.95, eps=1e-8):
@@ -112,7 +93,7 @@ def test_shampoo_and_soap_share_one_gram_and_one_eigendecomposition():
 
 def test_shared_plan_runs():
     shapes = {"w": (4, 3), "b": (3,)}
-    updates = _run_optax(_shared(), {k: jnp.zeros(s) for k, s in shapes.items()}, _grads(5, shapes, 6))
+    updates, _ = run_optax(_shared(), {k: jnp.zeros(s) for k, s in shapes.items()}, random_grads(5, shapes, 6))
     assert all(bool(jnp.all(jnp.isfinite(u[k]))) for u in updates for k in shapes)
 
 
@@ -120,14 +101,8 @@ def test_w1_trains_with_soap():
     from benchmarks.workloads import get_workload
 
     w = get_workload("w1")
-    params = w.init(jax.random.key(0))
     opt = cp.Optimizer(soap(learning_rate=1e-2, precondition_frequency=5), **w.optimizer_kwargs())
-    state = opt.init(params)
-    batches = w.batches(0)
-    losses = []
-    for _ in range(15):
-        params, state, info = opt.step(params, state, next(batches))
-        losses.append(float(info.loss))
+    losses, _ = train_losses(opt, w, 15)
     assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     assert opt.trace_counts == [1] * len(opt.plan.phases)
 
@@ -142,13 +117,7 @@ def test_w3_smoke_shampoo_and_soap_sharing_one_gram():
             Shampoo(gram=gram.spec, graft="adam"), Soap(gram=gram.spec, method="eigh"), _Mix(),
             UpdateTail(learning_rate=3e-3, source="mix")]
     opt = cp.Optimizer(mods, **w.optimizer_kwargs())
-    params = w.init(jax.random.key(0))
-    state = opt.init(params)
-    batch = next(w.batches(0, batch_size=8))
-    losses = []
-    for _ in range(3):
-        params, state, info = opt.step(params, state, batch)
-        losses.append(float(info.loss))
+    losses, info = train_losses(opt, w, 3, batch_size=8, same_batch=True)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert int(info.shampoo_fallback_leaves) == 14 and int(info.eig_failures) == 0
 
@@ -158,9 +127,9 @@ def test_soap_with_eigh_every_step_is_adam_in_the_exact_eigenbasis(x64, moments)
     Q_Lᵀ m Q_R, v = EMA of (Q_Lᵀ G Q_R)² kept in place, N = Q_L (m̃/(√v+eps)) Q_Rᵀ · √(1−β2ᵗ)/(1−β1ᵗ).
     The bias vector gets plain Adam with the same folded bias correction."""
     shapes = {"w": (4, 4), "u": (3, 5), "b": (4,)}
-    grads = _grads(0, shapes, 5)
+    grads = random_grads(0, shapes, 5)
     beta, b1, b2, eps = 0.9, 0.8, 0.95, 1e-8
-    updates = _run_optax(_soap_list("eigh", 1, moments, beta, b1, b2, eps),
+    updates, _ = run_optax(_soap_list("eigh", 1, moments, beta, b1, b2, eps),
                          {k: jnp.zeros(s) for k, s in shapes.items()}, grads)
     st = {k: dict(L=0.0, R=0.0, m=np.zeros(s), v=np.zeros(s)) for k, s in shapes.items()}
     for t, (g, u) in enumerate(zip(grads, updates), start=1):
@@ -186,12 +155,12 @@ def test_soap_with_eigh_every_step_is_adam_in_the_exact_eigenbasis(x64, moments)
 def test_soap_with_a_fixed_basis_is_optax_adam_in_that_basis(x64):
     """Refresh only at step 0: every later step is optax's Adam on Q_Lᵀ G Q_R, mapped back (Q from numpy)."""
     shapes = {"w": (4, 4), "b": (4,)}
-    grads = _grads(1, shapes, 6)
+    grads = random_grads(1, shapes, 6)
     # eps: at step 0, Q_Lᵀ G_0 Q_R is diagonal (an SVD) and its off-diagonal entries are rounding noise ~1e-16;
     # each side maps them to noise/(|noise| + eps) <= 1e-6 (the atol below). The two eps placements
     # (SOAP: eps/√(1−β2ᵗ) on the bias-corrected scale) differ by < 1e-9/|G̃| relative.
     b1, b2, eps = 0.9, 0.99, 1e-10
-    updates = _run_optax(_soap_list("eigh", 100, "rotate", 0.9, b1, b2, eps),
+    updates, _ = run_optax(_soap_list("eigh", 100, "rotate", 0.9, b1, b2, eps),
                          {k: jnp.zeros(s) for k, s in shapes.items()}, grads)
     G0 = grads[0]["w"]
     QL, QR = _eigh_desc(G0 @ G0.T), _eigh_desc(G0.T @ G0)
@@ -244,10 +213,10 @@ def test_second_moment_follows_the_basis_permutation(x64):
 def test_rotate_and_keep_variants_agree_with_power_qr_refreshes(x64):
     """With full orthogonal bases, rotating m̃ into each new basis equals keeping m in the parameter basis."""
     shapes = {"w": (4, 3), "u": (2, 5)}
-    grads = _grads(4, shapes, 7)
+    grads = random_grads(4, shapes, 7)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
-    a = _run_optax(_soap_list("power_qr", 2, "rotate"), params, grads)
-    b = _run_optax(_soap_list("power_qr", 2, "keep"), params, grads)
+    a, _ = run_optax(_soap_list("power_qr", 2, "rotate"), params, grads)
+    b, _ = run_optax(_soap_list("power_qr", 2, "keep"), params, grads)
     for ua, ub in zip(a, b):
         for k in shapes:
             # atol: the (4,3) leaf's L always has a null direction where G̃ is rounding noise (see above)

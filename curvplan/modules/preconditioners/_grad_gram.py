@@ -229,6 +229,10 @@ class GramConsumer(Module):
     def config(self):
         return tuple((k, v) for k, v in self.settings() if k != "gram")
 
+    def _basis(self):
+        """The ``%eigbasis.grad_gram`` of this module's factors refreshed by its ``method`` (SCAO: always eigh)."""
+        return eigbasis_of(self.gram, getattr(self, "method", "eigh"))
+
 
 class GramEigbasisState(NamedTuple):
     failures: jax.Array
@@ -254,14 +258,11 @@ class GramEigbasis(GramConsumer):
     state_fields = ("failures",)
     info_fields = (("eig_failures", "int"),)
 
-    def _out(self):
-        return eigbasis_of(self.gram, self.method)
-
     def consumes(self):
-        return (fresh(grad_gram(self.gram)), carried(self._out()))
+        return (fresh(grad_gram(self.gram)), carried(self._basis()))
 
     def produces(self):
-        return (self._out(),)
+        return (self._basis(),)
 
     def init(self, params, ctx):
         return GramEigbasisState(jnp.zeros((), jnp.int32))
@@ -277,7 +278,7 @@ class GramEigbasis(GramConsumer):
 
     def apply(self, inputs, state, ctx):
         gram: GramFactors = inputs[grad_gram(self.gram)]
-        prev: Eigbasis = inputs[self._out()]
+        prev: Eigbasis = inputs[self._basis()]
         first = prev.count == 0
         failed = []
 
@@ -302,5 +303,5 @@ class GramEigbasis(GramConsumer):
         n_failed = sum(f.astype(jnp.int32) for f in failed) if failed else jnp.zeros((), jnp.int32)
         state = GramEigbasisState(state.failures + n_failed)
         ctx.report("eig_failures", state.failures)
-        return {self._out(): Eigbasis(bases, prev.count + 1)}, state
+        return {self._basis(): Eigbasis(bases, prev.count + 1)}, state
 

@@ -34,7 +34,6 @@ from curvplan.modules.preconditioners._grad_gram import (
     Spec,
     assemble,
     blocks_of,
-    eigbasis_of,
     grad_gram,
     spec_layout,
     mm,
@@ -111,7 +110,7 @@ class ScaoSpectrum(GramConsumer):
     info_fields = (("scao_mean_rank", "float"),)
 
     def consumes(self):
-        return (fresh(grad_gram(self.gram)), fresh(eigbasis_of(self.gram, "eigh")))
+        return (fresh(grad_gram(self.gram)), fresh(self._basis()))
 
     def produces(self):
         return (scao_spectrum(self.gram),)
@@ -138,7 +137,7 @@ class ScaoSpectrum(GramConsumer):
 
     def apply(self, inputs, state, ctx):
         gram: GramFactors = inputs[grad_gram(self.gram)]
-        basis: Eigbasis = inputs[eigbasis_of(self.gram, "eigh")]
+        basis: Eigbasis = inputs[self._basis()]
         treedef = jax.tree.structure(ctx.params)
         params = treedef.flatten_up_to(ctx.params)
         facs, bases, ranks = (treedef.flatten_up_to(x) for x in (gram.factors, basis.bases, state))
@@ -182,7 +181,7 @@ class ScaoPrecondition(GramConsumer):
     cost = 0.05
 
     def consumes(self):
-        return (fresh(q.grad()), carried(eigbasis_of(self.gram, "eigh")), carried(scao_spectrum(self.gram)))
+        return (fresh(q.grad()), carried(self._basis()), carried(scao_spectrum(self.gram)))
 
     def produces(self):
         return (q.direction("scao_pre"),)
@@ -190,7 +189,7 @@ class ScaoPrecondition(GramConsumer):
     def apply(self, inputs, state, ctx):
         grads = inputs[q.grad()]
         leaves, treedef = jax.tree.flatten(grads)
-        bases = treedef.flatten_up_to(inputs[eigbasis_of(self.gram, "eigh")].bases)
+        bases = treedef.flatten_up_to(inputs[self._basis()].bases)
         specs = treedef.flatten_up_to(inputs[scao_spectrum(self.gram)])
         out = []
         for g, blocks, sp in zip(leaves, bases, specs):

@@ -29,7 +29,6 @@ from curvplan.modules.preconditioners._grad_gram import (
     assemble,
     blocks_of,
     count_fallback,
-    eigbasis_of,
     spec_layout,
     mm,
     stat_dtype,
@@ -87,9 +86,6 @@ class Shampoo(GramConsumer):
     cost = 0.1
     state_fields = ("roots", "graft")
     info_fields = (("shampoo_root_failures", "int"), ("shampoo_fallback_leaves", "int"))
-
-    def _basis(self):
-        return eigbasis_of(self.gram, self.method)
 
     def consumes(self):
         return (fresh(q.grad()), carried(self._basis()))

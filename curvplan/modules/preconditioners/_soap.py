@@ -26,7 +26,6 @@ from curvplan.modules.preconditioners._grad_gram import (
     Spec,
     assemble,
     blocks_of,
-    eigbasis_of,
     spec_layout,
     mm,
     stat_dtype,
@@ -71,9 +70,6 @@ class Soap(GramConsumer):
     correct_bias: bool = True
     cost = 0.1
     state_fields = ("m", "v")
-
-    def _basis(self):
-        return eigbasis_of(self.gram, self.method)
 
     def consumes(self):
         return (fresh(q.grad()), carried(self._basis()))

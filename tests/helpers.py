@@ -1,0 +1,62 @@
+"""Helpers shared by the module tests: random gradient streams, the optax wrapper driven by given gradients, an
+optax trajectory, and a few training steps through `Optimizer`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvplan as cp
+
+
+def never_loss(params, batch):
+    """A loss that must not run: the optax wrapper is given the gradient, so no loss is evaluated."""
+    raise AssertionError("loss evaluated")
+
+
+def random_grads(seed: int, shapes: dict, n: int) -> list[dict]:
+    """``n`` gradient dicts of float64 normals with the given leaf shapes."""
+    rng = np.random.default_rng(seed)
+    return [{k: rng.normal(size=s) for k, s in shapes.items()} for _ in range(n)]
+
+
+def run_optax(modules, params, grads):
+    """The updates of ``cp.as_optax(modules)`` fed ``grads`` one by one, and the final state."""
+    tx = cp.as_optax(modules, loss_fn=never_loss)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for g in grads:
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        out.append(u)
+    return out, state
+
+
+def train_losses(opt: cp.Optimizer, w, steps: int, *, batch_size: int | None = None, same_batch: bool = False):
+    """Trains ``w``'s model from seed 0 for ``steps``; returns the per-step losses and the last `StepInfo`."""
+    params = w.init(jax.random.key(0))
+    state = opt.init(params)
+    batches = w.batches(0, batch_size=batch_size)
+    fixed = next(batches) if same_batch else None
+    losses = []
+    for _ in range(steps):
+        params, state, info = opt.step(params, state, fixed if same_batch else next(batches))
+        losses.append(float(info.loss))
+    return np.asarray(losses), info
+
+
+def optax_trajectory(tx, params, loss_fn, batches) -> list:
+    """The parameters after each step of the optax transformation ``tx`` on ``loss_fn`` over ``batches``."""
+
+    @jax.jit
+    def step(params, state, b):
+        u, state = tx.update(jax.grad(loss_fn)(params, b), state, params)
+        return optax.apply_updates(params, u), state
+
+    state, out = tx.init(params), []
+    for b in batches:
+        params, state = step(params, state, b)
+        out.append(params)
+    return out
