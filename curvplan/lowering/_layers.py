@@ -4,8 +4,14 @@ reading its jaxpr, then compute loss, gradient, layer inputs and output cotangen
 Discovery follows each parameter leaf through layout-only ops (reshape, transpose, dtype casts, broadcasts) to
 its uses. A leaf whose single use is the weight operand of ``dot_general`` / ``conv_general_dilated`` / a row
 ``gather`` is a layer; a leaf added once to a layer's output is its bias. Anything else (used twice, used
-elementwise, inside ``scan`` / ``while`` / ``cond``) is listed in ``report.skipped`` with the reason, so that
-consumers fall back to a diagonal block for it instead of mis-handling it.
+elementwise, inside ``while`` / ``cond``) is listed in ``report.skipped`` with the reason, so that consumers
+fall back to a diagonal block for it instead of mis-handling it.
+
+Inside ``scan`` (and ``fori_loop`` with a static trip count) a weight is either a loop constant, the same matrix
+on every iteration (an RNN cell: its rows are the iterations' rows concatenated, as a convolution's are its
+positions), or scanned over, one slice per iteration (stacked layers, ``nn.scan`` / ``eqx`` scan-over-layers):
+then the layer is a *stack* of ``stack`` matrices, its index, activations and cotangents gain a leading stack
+axis, and each slice is its own layer to the consumers.
 
 >>> import jax, jax.numpy as jnp
 >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "scale": jnp.ones(4)}
@@ -53,6 +59,7 @@ class Layer:
         path: where the op sits in the jaxpr (equation indices, outer to inner).
         out_shape: shape of the op's output (the perturbation added to it).
         operand: which input of the op is the weight.
+        loops: the enclosing ``scan`` levels, outer to inner, as (length, the weight is scanned over).
     """
 
     key: str
@@ -66,9 +73,16 @@ class Layer:
     path: tuple[int, ...]
     out_shape: tuple[int, ...]
     operand: int = 1
+    loops: tuple[tuple[int, bool], ...] = ()
+
+    @property
+    def stack(self) -> int:
+        """Number of stacked matrices (the product of the scanned-over loop lengths); 0 for a single matrix."""
+        sizes = [n for n, scanned in self.loops if scanned]
+        return int(np.prod(sizes)) if sizes else 0
 
     def to_matrix(self, kernel: jax.Array) -> jax.Array:
-        """The weight leaf (or its gradient) as the (d_in, d_out) matrix."""
+        """The weight leaf (or its gradient) as the (d_in, d_out) matrix ((stack, d_in, d_out) if stacked)."""
         return kernel.reshape(-1)[self.index]
 
     def from_matrix(self, mat: jax.Array) -> jax.Array:
@@ -89,7 +103,8 @@ class LayerReport:
 
     def __str__(self) -> str:
         rows = [("layer", "kind", "shape", "d_in", "d_out", "bias")]
-        rows += [(k, l.kind, str(l.shape), str(l.d_in), str(l.d_out), l.bias or "-") for k, l in self.layers.items()]
+        rows += [(k, l.kind + (f"×{l.stack}" if l.stack else ""), str(l.shape), str(l.d_in), str(l.d_out),
+                  l.bias or "-") for k, l in self.layers.items()]
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         if self.skipped:
@@ -101,7 +116,15 @@ class LayerReport:
 @dataclasses.dataclass
 class _Origin:
     leaf: int
-    idx: np.ndarray  # flat positions in the leaf, in the shape of the var
+    idx: np.ndarray  # flat positions in the leaf: (one axis per scanned-over loop level) + the var's shape
+    loops: tuple[tuple[int, bool], ...] = ()  # enclosing scan levels: (length, scanned over)
+
+    @property
+    def lead(self) -> int:
+        return sum(scanned for _, scanned in self.loops)
+
+    def moved(self, idx: np.ndarray) -> "_Origin":
+        return _Origin(self.leaf, idx, self.loops)
 
 
 @dataclasses.dataclass
@@ -113,6 +136,7 @@ class _Use:
     idx: np.ndarray | None = None
     feat: np.ndarray | None = None  # bias: output feature of each element
     layer_path: tuple[int, ...] = ()
+    loops: tuple[tuple[int, bool], ...] = ()
 
 
 def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
@@ -128,29 +152,45 @@ def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
     return None
 
 
-def _layout(eqn, idx: np.ndarray) -> np.ndarray:
+def _layout(eqn, idx: np.ndarray, lead: int) -> np.ndarray:
+    """``idx`` (``lead`` stack axes + the input's shape) moved as the op moves the input's elements."""
     p, name = eqn.params, eqn.primitive.name
-    shape = tuple(eqn.outvars[0].aval.shape)
+    stack, shape = idx.shape[:lead], tuple(eqn.outvars[0].aval.shape)
     if name == "transpose":
-        return idx.transpose(p["permutation"])
+        return idx.transpose(tuple(range(lead)) + tuple(lead + d for d in p["permutation"]))
     if name == "broadcast_in_dim":
         expanded = np.ones(len(shape), int)
         for src, dst in enumerate(p["broadcast_dimensions"]):
-            expanded[dst] = idx.shape[src]
-        return np.broadcast_to(idx.reshape(expanded), shape)
-    return idx.reshape(shape)  # reshape / squeeze / expand_dims / casts
+            expanded[dst] = idx.shape[lead + src]
+        return np.broadcast_to(idx.reshape(stack + tuple(expanded)), stack + shape)
+    return idx.reshape(stack + shape)  # reshape / squeeze / expand_dims / casts
 
 
-def _dense_index(eqn, k: int, idx: np.ndarray):
-    """(index matrix, feature array of the output) for a dot_general whose operand k is the weight."""
+def _stacked_matrix(idx: np.ndarray, lead: int, rows: list[int], cols: list[int]) -> np.ndarray:
+    """``idx`` as (d_in, d_out) from the var axes ``rows`` and ``cols``, after one flat stack axis if ``lead``."""
+    d_in = int(np.prod([idx.shape[lead + d] for d in rows]))
+    d_out = int(np.prod([idx.shape[lead + d] for d in cols]))
+    perm = tuple(range(lead)) + tuple(lead + d for d in list(rows) + list(cols))
+    mat = idx.transpose(perm)
+    return mat.reshape((-1, d_in, d_out) if lead else (d_in, d_out))
+
+
+def _dense_index(eqn, k: int, o: _Origin) -> np.ndarray | None:
+    """The index matrix of a dot_general whose operand k is the weight (None with batch dimensions)."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if lb or rb:
         return None
     kc = (lc, rc)[k]
-    kfree = [d for d in range(idx.ndim) if d not in kc]
-    d_in, d_out = int(np.prod([idx.shape[d] for d in kc])), int(np.prod([idx.shape[d] for d in kfree]))
-    mat = idx.transpose(list(kc) + kfree).reshape(d_in, d_out)
-    return mat, d_in, d_out
+    kfree = [d for d in range(o.idx.ndim - o.lead) if d not in kc]
+    return _stacked_matrix(o.idx, o.lead, list(kc), kfree)
+
+
+def _scan_body(eqn):
+    """(body jaxpr, consts, num_consts, num_carry) of a ``scan`` equation, else None."""
+    if eqn.primitive.name != "scan":
+        return None
+    body = eqn.params["jaxpr"]
+    return body.jaxpr, list(body.consts), eqn.params["num_consts"], eqn.params["num_carry"]
 
 
 def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]) -> None:
@@ -185,13 +225,28 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
                 if isinstance(w, jcore.Var) and w in outs:
                     outs[v] = outs[w]
             continue
+        scan = _scan_body(eqn)
+        if scan is not None:
+            body, _, nc, nk = scan
+            length = int(eqn.params["length"])
+            for j, (v, o) in enumerate(zip(body.invars, ins)):
+                origins.pop(v, None)
+                outs.pop(v, None)
+                if o is None:
+                    continue
+                if nc <= j < nc + nk:
+                    use(o.leaf, _Use("unknown use: carried through scan"))
+                else:  # a loop constant is the same weight every iteration; a scanned-over one is sliced
+                    origins[v] = _Origin(o.leaf, o.idx, o.loops + ((length, j >= nc + nk),))
+            _analyze(body, origins, uses, outs, here)
+            continue
         params_in = [(j, o) for j, o in enumerate(ins) if o is not None]
         if name in _LAYOUT and len(eqn.invars) == 1:
             if ins[0] is not None:
-                origins[eqn.outvars[0]] = _Origin(ins[0].leaf, _layout(eqn, ins[0].idx))
+                origins[eqn.outvars[0]] = ins[0].moved(_layout(eqn, ins[0].idx, ins[0].lead))
             elif isinstance(eqn.invars[0], jcore.Var) and eqn.invars[0] in outs:
                 lp, feat = outs[eqn.invars[0]]
-                outs[eqn.outvars[0]] = (lp, _layout(eqn, feat))
+                outs[eqn.outvars[0]] = (lp, _layout(eqn, feat, 0))
             continue
         if not params_in:
             carried_outs = [v for v in eqn.invars if isinstance(v, jcore.Var) and v in outs]
@@ -201,12 +256,11 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
             continue
         if name == "dot_general" and len(params_in) == 1:
             k, o = params_in[0]
-            got = _dense_index(eqn, k, o.idx)
-            if got is None:
+            mat = _dense_index(eqn, k, o)
+            if mat is None:
                 use(o.leaf, _Use("unknown use: dot_general with batch dimensions"))
                 continue
-            mat, d_in, d_out = got
-            use(o.leaf, _Use("dense", here, eqn, k, mat))
+            use(o.leaf, _Use("dense", here, eqn, k, mat, loops=o.loops))
             outs[eqn.outvars[0]] = (here, _dense_feat(eqn, k))
         elif name == "conv_general_dilated" and [j for j, _ in params_in] == [1]:
             o = ins[1]
@@ -215,26 +269,30 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
                 use(o.leaf, _Use("unknown use: grouped convolution"))
                 continue
             rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
-            mat = o.idx.transpose((rhs[1],) + tuple(rhs[2:]) + (rhs[0],)).reshape(-1, o.idx.shape[rhs[0]])
-            use(o.leaf, _Use("conv", here, eqn, 1, mat))
+            mat = _stacked_matrix(o.idx, o.lead, [rhs[1], *rhs[2:]], [rhs[0]])
+            use(o.leaf, _Use("conv", here, eqn, 1, mat, loops=o.loops))
             outs[eqn.outvars[0]] = (here, _conv_feat(eqn))
-        elif name == "gather" and [j for j, _ in params_in] == [0] and _is_row_gather(eqn, ins[0].idx):
-            use(ins[0].leaf, _Use("embedding", here, eqn, 0, ins[0].idx))
-            outs[eqn.outvars[0]] = (here, np.broadcast_to(np.arange(ins[0].idx.shape[1]), eqn.outvars[0].aval.shape))
+        elif name == "gather" and [j for j, _ in params_in] == [0] and _is_row_gather(eqn, ins[0]):
+            o = ins[0]
+            use(o.leaf, _Use("embedding", here, eqn, 0, _stacked_matrix(o.idx, o.lead, [0], [1]), loops=o.loops))
+            outs[eqn.outvars[0]] = (here, np.broadcast_to(np.arange(o.idx.shape[-1]), eqn.outvars[0].aval.shape))
         elif name == "add" and len(params_in) == 1 and any(
             isinstance(v, jcore.Var) and v in outs for v in eqn.invars
         ):
             k, o = params_in[0]
             other = eqn.invars[1 - k]
             lp, feat = outs[other]
+            stack, own = o.idx.shape[:o.lead], o.idx.shape[o.lead:]
             try:
-                bidx = np.broadcast_to(o.idx, feat.shape)
+                lifted = o.idx.reshape(stack + (1,) * (feat.ndim - len(own)) + own)
+                bidx = np.broadcast_to(lifted, stack + feat.shape)
             except ValueError:
                 use(o.leaf, _Use("unknown use: add with broadcasting"))
                 continue
-            use(o.leaf, _Use("bias", here, eqn, k, bidx, feat, lp))
+            use(o.leaf, _Use("bias", here, eqn, k, bidx.reshape((-1,) + feat.shape) if o.lead else bidx, feat, lp,
+                             o.loops))
         else:
-            why = f"used inside {name}" if name in ("scan", "while", "cond") else f"unknown use: {name}"
+            why = f"used inside {name}" if name in ("while", "cond") else f"unknown use: {name}"
             for _, o in params_in:
                 use(o.leaf, _Use(why))
 
@@ -259,8 +317,8 @@ def _conv_feat(eqn) -> np.ndarray:
     return np.broadcast_to(np.arange(shape[out[1]]).reshape(ones), shape)
 
 
-def _is_row_gather(eqn, idx: np.ndarray) -> bool:
-    dn = eqn.params["dimension_numbers"]
+def _is_row_gather(eqn, o: _Origin) -> bool:
+    dn, idx = eqn.params["dimension_numbers"], o.idx[(0,) * o.lead]
     return (idx.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
             and tuple(eqn.params["slice_sizes"]) == (1, idx.shape[1])
             and tuple(dn.offset_dims) == (eqn.outvars[0].aval.ndim - 1,))
@@ -316,14 +374,15 @@ def discover_layers(fn: Callable, params: Any, *args: Any, tags: Mapping[str, st
             if tags.get(key, u.kind) != u.kind:
                 raise LoweringError(f"{key} is tagged {tags[key]!r} but is used as a {u.kind} layer",
                                     where=f"discover_layers, leaf {key}", fix=f"tag it {u.kind!r} or 'skip'")
-            layers[key] = Layer(key, u.kind, tuple(np.shape(paths[leaf][1])), u.idx.shape[0], u.idx.shape[1], None,
-                                u.idx, None, u.path, tuple(u.eqn.outvars[0].aval.shape), u.operand)
+            layers[key] = Layer(key, u.kind, tuple(np.shape(paths[leaf][1])), u.idx.shape[-2], u.idx.shape[-1], None,
+                                u.idx, None, u.path, tuple(u.eqn.outvars[0].aval.shape), u.operand, u.loops)
         else:
             skipped[key] = us[0].kind
     by_path = {l.path: k for k, l in layers.items()}
     for leaf, u in biases.items():
         key, owner = keys[leaf], by_path.get(u.layer_path)
-        bias_index = _bias_index(u, layers[owner].d_out) if owner else None
+        ok = owner and [sc for _, sc in u.loops] == [sc for _, sc in layers[owner].loops]
+        bias_index = _bias_index(u, layers[owner].d_out, layers[owner].stack) if ok else None
         if tags.get(key) == "skip":
             skipped[key] = "tagged skip"
         elif bias_index is None or layers[owner].bias is not None:
@@ -338,13 +397,16 @@ def discover_layers(fn: Callable, params: Any, *args: Any, tags: Mapping[str, st
     return LayerReport(dict(sorted(layers.items())), dict(sorted(skipped.items())))
 
 
-def _bias_index(u: _Use, d_out: int) -> np.ndarray | None:
-    out = np.full(d_out, -1, np.int64)
-    feat, idx = u.feat.reshape(-1), u.idx.reshape(-1)
-    out[feat] = idx
-    if (out < 0).any() or not np.array_equal(out[feat], idx) or len(np.unique(out)) != d_out or idx.max() >= d_out:
+def _bias_index(u: _Use, d_out: int, stack: int) -> np.ndarray | None:
+    """The bias entry of each output feature ((stack, d_out) if stacked), or None if it is not a bias."""
+    n = max(stack, 1)
+    out = np.full((n, d_out), -1, np.int64)
+    feat, idx = u.feat.reshape(-1), u.idx.reshape(n, -1)
+    out[:, feat] = idx
+    if (out < 0).any() or not np.array_equal(out[:, feat], idx) or len(np.unique(out)) != out.size or (
+            idx.max() >= out.size):
         return None
-    return out
+    return out if stack else out[0]
 
 
 # -- capture --------------------------------------------------------------------------------------------
@@ -385,7 +447,7 @@ def _bind(eqn, invals):
         return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _eval(jaxpr, consts, args, layers: dict, perts: dict, acts: dict, path: tuple[int, ...]):
+def _eval(jaxpr, consts, args, layers: dict, perts: dict, acts: dict, path: tuple[int, ...], depth: int = 0):
     env = {}
     for v, x in zip(jaxpr.constvars, consts):
         env[v] = x
@@ -404,13 +466,51 @@ def _eval(jaxpr, consts, args, layers: dict, perts: dict, acts: dict, path: tupl
         elif here in prefixes and _sub_jaxpr(eqn) is not None:
             inner, inner_consts = _sub_jaxpr(eqn)
             off = len(inner.invars) - len(invals)
-            outs = _eval(inner, inner_consts, [None] * off + invals, layers, perts, acts, here)
+            outs = _eval(inner, inner_consts, [None] * off + invals, layers, perts, acts, here, depth)
+        elif here in prefixes and _scan_body(eqn) is not None:
+            outs = _eval_scan(eqn, invals, layers, perts, acts, here, depth)
         else:
             outs = _bind(eqn, invals)
             outs = outs if eqn.primitive.multiple_results else [outs]
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
     return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _merge_loop(x: jax.Array, scanned: bool) -> jax.Array:
+    """Rows gathered over one scan level, (T, [S,] N, d): a loop constant's iterations become more rows
+    (([S,] T·N, d)); a scanned-over weight's become more stack entries ((T·S, N, d))."""
+    if scanned:
+        return x if x.ndim == 3 else x.reshape((-1,) + x.shape[2:])
+    if x.ndim == 3:
+        return x.reshape(-1, x.shape[-1])
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1, x.shape[-1])
+
+
+def _eval_scan(eqn, invals, layers: dict, perts: dict, acts: dict, here: tuple[int, ...], depth: int):
+    """A ``scan`` equation that holds layers: its body evaluated by `_eval` under `jax.lax.scan`, each layer's
+    perturbation scanned over and its activations stacked, then merged per `_merge_loop`."""
+    body, body_consts, nc, nk = _scan_body(eqn)
+    inside = {key: layer for path, (key, layer) in layers.items() if path[: len(here)] == here and len(path) > len(here)}
+    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    to_rows: dict[str, Callable] = {}
+
+    def step(carry, x):
+        x_vals, pert = x
+        inner: dict = {}
+        outs = _eval(body, body_consts, list(consts) + list(carry) + list(x_vals), layers, pert, inner, here,
+                     depth + 1)
+        to_rows.update({k: f for k, (_, f) in inner.items()})
+        return outs[:nk], (outs[nk:], {k: a for k, (a, _) in inner.items()})
+
+    p = eqn.params
+    carry, (ys, stacked) = jax.lax.scan(step, list(init), (list(xs), {k: perts[k] for k in inside}),
+                                        length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    for key, layer in inside.items():
+        scanned = layer.loops[depth][1]
+        acts[key] = (_merge_loop(stacked[key], scanned),
+                     lambda c, f=to_rows[key], sc=scanned: _merge_loop(jax.vmap(f)(c), sc))
+    return list(carry) + list(ys)
 
 
 def capture(fn: Callable, report: LayerReport, params: Any, *args: Any):
@@ -421,14 +521,16 @@ def capture(fn: Callable, report: LayerReport, params: Any, *args: Any):
 
     Returns:
         ``(loss, grad, activations, out_cotangents)`` with activations ``{key: (N, d_in)}`` and out_cotangents
-        ``{key: (N, d_out)}`` (``acts.T @ cots`` is the weight gradient as a (d_in, d_out) matrix).
+        ``{key: (N, d_out)}`` (``acts.T @ cots`` is the weight gradient as a (d_in, d_out) matrix); a stacked
+        layer's have a leading stack axis, ``(stack, N, d)``.
     """
     closed = jax.make_jaxpr(fn)(params, *args)
     located = _locate(report)
     flat_args = jax.tree.leaves((params,) + args)
     n_params = len(jax.tree.leaves(params))
     _, treedef = jax.tree.flatten(params)
-    perts = {layer.key: jnp.zeros(layer.out_shape, _eqn_at(closed.jaxpr, layer.path).outvars[0].aval.dtype)
+    perts = {layer.key: jnp.zeros(tuple(n for n, _ in layer.loops) + layer.out_shape,
+                                  _eqn_at(closed.jaxpr, layer.path).outvars[0].aval.dtype)
              for layer in report.layers.values()}
 
     def run(p_leaves, perts):
@@ -448,7 +550,7 @@ def _eqn_at(jaxpr, path):
     eqn = None
     for i in path:
         if eqn is not None:
-            jaxpr = _sub_jaxpr(eqn)[0]
+            jaxpr = (_sub_jaxpr(eqn) or _scan_body(eqn))[0]
         eqn = jaxpr.eqns[i]
     return eqn
 
@@ -459,21 +561,24 @@ def _locate(report: LayerReport) -> dict:
 
 @jax.tree_util.register_pytree_node_class
 class LayerArrays(dict):
-    """A dict layer key -> array that also carries the `LayerReport` it was captured with (``.report``).
+    """A dict layer key -> array that also carries the `LayerReport` it was captured with (``.report``) and, for
+    output cotangents, the number of loss terms the loss averages (``.terms``; None if unknown). Rows are
+    examples × positions (conv locations, sequence tokens, loop iterations); terms are what the loss averages.
 
     >>> LayerArrays({"w": 1}, LayerReport({}, {})).report.skipped
     {}
     """
 
-    def __init__(self, arrays: Mapping[str, Any], report: LayerReport):
+    def __init__(self, arrays: Mapping[str, Any], report: LayerReport, terms: int | None = None):
         super().__init__(arrays)
         self.report = report
+        self.terms = terms
 
     def tree_flatten(self):
         keys = tuple(sorted(self))
-        return tuple(self[k] for k in keys), (keys, self.report)
+        return tuple(self[k] for k in keys), (keys, self.report, self.terms)
 
     @classmethod
     def tree_unflatten(cls, aux, values):
-        keys, report = aux
-        return cls(dict(zip(keys, values)), report)
+        keys, report, terms = aux
+        return cls(dict(zip(keys, values)), report, terms)

@@ -233,7 +233,16 @@ def _layer_io(obj: Objective, params, batch, rng):
     report = discover_layers(obj.loss, params, batch)
     loss, g, acts, cots = capture(obj.loss, report, params, batch)
     return {q.loss(): loss, q.grad(): g, q.activations(): LayerArrays(acts, report),
-            q.out_cotangents(): LayerArrays(cots, report)}
+            q.out_cotangents(): LayerArrays(cots, report, _loss_terms(obj, batch))}
+
+
+def _loss_terms(obj: Objective, batch) -> int:
+    """How many terms the loss averages: the labels (CE, one per position), the examples (MSE), or for a plain
+    loss function the leading axis of the batch's first leaf."""
+    if obj.model_fn is not None:
+        _, y = batch
+        return int(jnp.size(y)) if obj.loss_kind == "ce" else int(jnp.shape(y)[0])
+    return int(jnp.shape(jax.tree.leaves(batch)[0])[0])
 
 
 def _layer_io_sampled(obj: Objective, params, batch, rng):
@@ -269,7 +278,7 @@ def _layer_io_sampled(obj: Objective, params, batch, rng):
 
     report = discover_layers(surrogate, params, x, e)
     cots = capture(surrogate, report, params, x, e)[3]
-    vals[q.out_cotangents(labels="sampled")] = LayerArrays(cots, report)
+    vals[q.out_cotangents(labels="sampled")] = LayerArrays(cots, report, n)
     return vals
 
 

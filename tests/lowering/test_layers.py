@@ -1,7 +1,8 @@
 """Layer discovery and capture (`curvplan.runtime.discover_layers` / `capture`, the layer_io provider).
 
 References: `jax.grad` for the gradient; the kernel gradient from `jax.grad` against activations.T @ cotangents
-(dense and im2col conv); the bias gradient against the column sums of the cotangents."""
+(dense and im2col conv; per stack entry for scanned-over layers); the bias gradient against the column sums of
+the cotangents; scanned layers' rows against the same model unrolled in Python."""
 
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ def check_capture(fn, params, *args, rtol=1e-4):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, ref_grad)
     g = by_key(ref_grad)
     for key, layer in report.layers.items():
-        assert acts[key].shape[1] == layer.d_in and cots[key].shape == (acts[key].shape[0], layer.d_out)
+        lead = (layer.stack,) if layer.stack else ()
+        rows = acts[key].shape[-2]
+        assert acts[key].shape == lead + (rows, layer.d_in) and cots[key].shape == lead + (rows, layer.d_out)
         scale = float(jnp.abs(g[key]).max()) + 1e-12
-        np.testing.assert_allclose(acts[key].T @ cots[key], layer.to_matrix(g[key]), rtol=rtol, atol=rtol * scale)
+        np.testing.assert_allclose(jnp.einsum("...ni,...no->...io", acts[key], cots[key]), layer.to_matrix(g[key]),
+                                   rtol=rtol, atol=rtol * scale)
         np.testing.assert_array_equal(layer.from_matrix(layer.to_matrix(g[key])), g[key])
         if layer.bias:
-            np.testing.assert_allclose(cots[key].sum(0), g[layer.bias].reshape(-1)[layer.bias_index],
+            np.testing.assert_allclose(cots[key].sum(-2), g[layer.bias].reshape(-1)[layer.bias_index],
                                        rtol=rtol, atol=rtol * scale)
     return report
 
@@ -121,18 +125,18 @@ def test_w3_transformer_reports_what_it_cannot_handle():
     assert report.skipped["['embed']"].startswith("used 2 times")  # tied embedding / output projection
 
 
-def test_used_twice_scan_and_tags():
+def test_used_twice_cond_and_tags():
     params = {"w": jnp.ones((3, 3)) * 0.1, "v": jnp.ones((3, 3)) * 0.2, "u": jnp.ones((3, 2))}
 
     def loss(p, x):
         h = x @ p["w"] @ p["w"]  # used twice
-        h, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["v"]), None), h, None, length=2)
+        h = jax.lax.cond(jnp.sum(h) > 0, lambda c: c @ p["v"], lambda c: c, h)  # a layer on one branch only
         return jnp.sum(h @ p["u"])
 
     x = jnp.ones((2, 3))
     report = check_capture(loss, params, x)
     assert list(report.layers) == ["['u']"]
-    assert report.skipped == {"['v']": "used inside scan", "['w']": "used 2 times (dense)"}
+    assert report.skipped == {"['v']": "used inside cond", "['w']": "used 2 times (dense)"}
     tagged = discover_layers(loss, params, x, tags={"['u']": "skip"})
     assert not tagged.layers and tagged.skipped["['u']"] == "tagged skip"
     with pytest.raises(LoweringError, match="tagged 'conv'"):
@@ -161,3 +165,92 @@ def test_shared_jitted_layer_function_called_twice():
     params = {"w1": jax.random.normal(k1, (3, 3)), "b1": jnp.ones(3), "w2": jax.random.normal(k2, (3, 3))}
     report = check_capture(loss, params, jnp.ones((2, 3)))
     assert report.layers["['w1']"].bias == "['b1']" and report.layers["['w2']"].bias is None and not report.skipped
+
+
+def test_scan_over_stacked_layers_and_loop_constants():
+    """A weight scanned over is a stack of layers (one per slice, bias included); a loop constant (an RNN cell, a
+    ``fori_loop`` body) is one layer whose rows are every iteration's rows; both match the unrolled model."""
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {"blocks": {"w": jax.random.normal(k[0], (3, 4, 4)), "b": jax.random.normal(k[1], (3, 4))},
+              "v": jax.random.normal(k[2], (4, 4)) * 0.5, "u": jax.random.normal(k[3], (4, 2))}
+
+    def loss(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w["w"] + w["b"]), None), x, p["blocks"])
+        h = jax.lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c @ p["v"]), h)
+        return jnp.sum(jnp.sin(h @ p["u"]))
+
+    def unrolled(p, x):  # the same model without loops, every slice / iteration its own leaf
+        h = x
+        for i in range(3):
+            h = jnp.tanh(h @ p[f"w{i}"] + p[f"b{i}"])
+        h = jnp.tanh(jnp.tanh(h @ p["v0"]) @ p["v1"])
+        return jnp.sum(jnp.sin(h @ p["u"]))
+
+    x = jax.random.normal(k[4], (5, 4))
+    report = check_capture(loss, params, x)
+    w, v = report.layers["['blocks']['w']"], report.layers["['v']"]
+    assert (w.stack, w.bias, w.loops) == (3, "['blocks']['b']", ((3, True),)) and w.bias_index.shape == (3, 4)
+    assert (v.stack, v.loops) == (0, ((2, False),)) and not report.skipped
+    assert "dense×3" in str(report)
+    flat = {"u": params["u"], "v0": params["v"], "v1": params["v"]}
+    flat.update({f"w{i}": params["blocks"]["w"][i] for i in range(3)})
+    flat.update({f"b{i}": params["blocks"]["b"][i] for i in range(3)})
+    ref = discover_layers(unrolled, flat, x)
+    _, _, acts, cots = capture(loss, report, params, x)
+    _, _, racts, rcots = capture(unrolled, ref, flat, x)
+    for i in range(3):
+        np.testing.assert_allclose(acts["['blocks']['w']"][i], racts[f"['w{i}']"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cots["['blocks']['w']"][i], rcots[f"['w{i}']"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts["['v']"], np.concatenate([racts["['v0']"], racts["['v1']"]]), rtol=1e-5)
+    np.testing.assert_allclose(cots["['v']"], np.concatenate([rcots["['v0']"], rcots["['v1']"]]), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_nested_and_reversed_scans():
+    """Slices of a stacked leaf passed on as an inner loop's constant, and a stack of stacks, both reversed."""
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {"w": jax.random.normal(k[0], (3, 4, 4)) * 0.5, "deep": jax.random.normal(k[1], (3, 2, 4, 4)) * 0.5}
+
+    def loss(p, x):
+        def block(h, w):
+            h, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w["w"]), None), h, None, length=2, reverse=True)
+            h, _ = jax.lax.scan(lambda c, d: (jnp.tanh(c @ d), None), h, w["deep"], reverse=True)
+            return h, None
+        return jnp.sum(jnp.sin(jax.lax.scan(block, x, p)[0]))
+
+    report = check_capture(loss, params, jax.random.normal(k[2], (5, 4)))
+    assert report.layers["['deep']"].loops == ((3, True), (2, True)) and report.layers["['deep']"].stack == 6
+    assert report.layers["['w']"].loops == ((3, True), (2, False)) and not report.skipped
+
+
+def test_flax_nn_scan_and_equinox_scan_over_layers():
+    import equinox as eqx
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.gelu(nn.Dense(4)(x)), None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)
+            return nn.Dense(2)(x)
+
+    x = jax.random.normal(jax.random.key(3), (5, 4))
+    params = Net().init(jax.random.key(0), x)["params"]
+    report = check_capture(lambda p, x: jnp.sum(Net().apply({"params": p}, x) ** 2), params, x)
+    scanned = report.layers["['ScanBlock_0']['Dense_0']['kernel']"]
+    assert (scanned.stack, scanned.bias) == (3, "['ScanBlock_0']['Dense_0']['bias']") and not report.skipped
+
+    stacked = eqx.filter_vmap(lambda key: eqx.nn.Linear(4, 4, key=key))(jax.random.split(jax.random.key(1), 3))
+    leaves, static = eqx.partition(stacked, eqx.is_array)
+
+    def loss(p, x):
+        return jnp.mean(jax.lax.scan(lambda h, lp: (jax.vmap(eqx.combine(lp, static))(jnp.tanh(h)), None), x, p)[0] ** 2)
+
+    report = check_capture(loss, leaves, x)
+    layer = report.layers[".weight"]
+    assert (layer.stack, layer.d_in, layer.d_out, layer.bias) == (3, 4, 4, ".bias") and not report.skipped
+    np.testing.assert_array_equal(layer.to_matrix(leaves.weight)[1], leaves.weight[1].T)

@@ -200,14 +200,14 @@ def test_plan_text_shows_inverse_refresh_every_k():
         plan kfac: 2 phases, period 5
         phase 0 @every(5) [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
-          %inverse.kfac                               = kfac_inverse(%kron.kfac, carried %inverse.kfac; out_axis=-1, pi_damping=0.1) -> carried
-          %direction.kfac                             = kfac_direction(%grad, %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1, stacked=())
+          %inverse.kfac                               = kfac_inverse(%kron.kfac, carried %inverse.kfac; out_axis=-1, pi_damping=0.1, stacked=()) -> carried
+          %direction.kfac                             = kfac_direction(%grad, %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1, stacked=())
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
         phase 1 otherwise [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %direction.kfac                             = kfac_direction(%grad, carried %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1)
-          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1)
+          %direction.kfac                             = kfac_direction(%grad, carried %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1, stacked=())
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1, stacked=())
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
         state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
     """)
@@ -283,3 +283,117 @@ def test_adaptive_damping_preset_trains_w1_and_adapts_lambda():
     assert all(min(abs(r - f) for f in (omega, 1 / omega, 1.0)) < 1e-6 for r in ratios), ratios
     assert any(abs(r - 1.0) > 1e-6 for r in ratios), (lams, rhos)
     assert opt.trace_counts == [1] * len(opt.plan.phases)
+
+
+def scanned_problem():
+    """Three dense+bias blocks scanned over one stacked leaf, then an output layer; and the same model unrolled
+    with one leaf per block."""
+    k = jax.random.split(jax.random.key(4), 4)
+    params = {"blocks": {"w": jax.random.normal(k[0], (3, 4, 4)) * 0.7, "b": jax.random.normal(k[1], (3, 4))},
+              "out": {"w": jax.random.normal(k[2], (4, 2))}}
+
+    def model(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w["w"] + w["b"]), None), x, p["blocks"])
+        return h @ p["out"]["w"]
+
+    def unrolled(p, x):
+        for i in range(3):
+            x = jnp.tanh(x @ p[f"s{i}"]["w"] + p[f"s{i}"]["b"])
+        return x @ p["out"]["w"]
+
+    flat = {f"s{i}": {"w": params["blocks"]["w"][i], "b": params["blocks"]["b"][i]} for i in range(3)}
+    flat["out"] = params["out"]
+    return params, flat, Objective(model_fn=model, loss_kind="ce"), Objective(model_fn=unrolled, loss_kind="ce"), k[3]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_stacked_layers_equal_the_unrolled_model(mode):
+    """K-FAC with ``stacked=("['blocks']",)`` keeps per-slice factors, inverses and directions that equal those of
+    the unrolled model (whose per-layer modules the tests above check against their definitions)."""
+    params, flat, obj, unrolled_obj, key = scanned_problem()
+    gamma = 0.05
+    mods = {"stacked": (params, obj, ("['blocks']",)), "unrolled": (flat, unrolled_obj, ())}
+    results = {}
+    for name, (p, o, stacked) in mods.items():
+        c = ctx(p)
+        fac = KFACFactors(ema=0.9, stacked=stacked)
+        inv = KFACInverse(stacked=stacked, pi_damping=gamma if mode == "pi" else None)
+        direc = KFACDirection(damping=gamma, damping_mode=mode, stacked=stacked)
+        basis_q = kfac_inverses(gamma) if mode == "pi" else kfac_eigbasis()
+        fstate = fac.init(p, c)
+        for s in range(2):
+            xs = jax.random.normal(jax.random.fold_in(key, s), (6, 4))
+            vals = PROVIDER_IMPLS["layer_io"](o, p, (xs, jnp.arange(6) % 2), None)
+            out, fstate = fac.apply({q.activations(): vals[q.activations()],
+                                     q.out_cotangents(): vals[q.out_cotangents()]}, fstate, c)
+        bases, _ = inv.apply({kfac_factors(): out[kfac_factors()], basis_q: inv.init_carried(None, p, c)},
+                             inv.init(p, c), c)
+        g = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
+        if name == "unrolled":
+            g = {f"s{i}": {"w": g["blocks"]["w"][i], "b": g["blocks"]["b"][i]} for i in range(3)} | {"out": g["out"]}
+        d, _ = direc.apply({q.grad(): g, basis_q: bases[basis_q], q.activations(): vals[q.activations()]},
+                           direc.init(p, c), c)
+        assert int(c.info["kfac_fallback_leaves"]) == 0 and int(c.info["kfac_layers"]) == 2 + 2 * (name == "unrolled")
+        results[name] = out[kfac_factors()], d[q.direction("kfac")]
+    (sf, sd), (uf, ud) = results["stacked"], results["unrolled"]
+    assert sf["['blocks']['w']"][0].shape == (3, 5, 5)
+    for i in range(3):
+        for j in (0, 1):
+            np.testing.assert_allclose(sf["['blocks']['w']"][j][i], uf[f"['s{i}']['w']"][j], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(sd["blocks"]["w"][i], ud[f"s{i}"]["w"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sd["blocks"]["b"][i], ud[f"s{i}"]["b"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sd["out"]["w"], ud["out"]["w"], rtol=1e-9, atol=1e-12)
+
+
+def test_stacked_kfac_trains_and_names_bad_prefixes():
+    params, _, obj, _, key = scanned_problem()
+    opt = cp.Optimizer(kfac(learning_rate=0.2, damping=0.1, inverse_every=2, stacked=("['blocks']",)),
+                       model_fn=obj.model_fn, loss="ce")
+    state = opt.init(params)
+    x = jax.random.normal(key, (32, 4))
+    batch = (x, (x[:, 0] > 0).astype(jnp.int32))
+    first = float(obj.loss(params, batch))
+    for _ in range(10):
+        params, state, info = opt.step(params, state, batch)
+        assert int(info.kfac_layers) == 2 and int(info.kfac_fallback_leaves) == 0
+    assert float(obj.loss(params, batch)) < 0.5 * first
+    with pytest.raises(cp.LoweringError, match="match no parameter leaf"):
+        cp.Optimizer(kfac(stacked=("['nope']",)), model_fn=obj.model_fn, loss="ce").init(params)
+
+
+@pytest.mark.usefixtures("x64")
+def test_conv_factors_follow_kfc_from_explicit_patches():
+    """KFC (Grosse & Martens 2016): A = mean over examples and locations of the im2col patch outer products
+    (patches cut by hand here, rows ordered (in-channel, kh, kw) as the layer's matrix), Γ = (1/N) Σ_n Σ_t
+    Ds_{n,t} Ds_{n,t}ᵀ with Ds_{n,t} = ∂ℓ_n/∂s_{n,t} from each example's own loss."""
+    k = jax.random.split(jax.random.key(5), 4)
+    params = {"conv": jax.random.normal(k[0], (3, 3, 2, 3)) * 0.5, "out": jax.random.normal(k[1], (27, 2)) * 0.3}
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def features(p, x):
+        return jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "VALID", dimension_numbers=dn)
+
+    def model(p, x):
+        return jax.nn.relu(features(p, x)).reshape(x.shape[0], -1) @ p["out"]
+
+    x = jax.random.normal(k[2], (4, 5, 5, 2))
+    y = jnp.array([0, 1, 1, 0])
+    obj = Objective(model_fn=model, loss_kind="ce")
+    vals = PROVIDER_IMPLS["layer_io"](obj, params, (x, y), None)
+    c = ctx(params)
+    out, _ = KFACFactors().apply({q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
+                                 KFACFactors().init(params, c), c)
+    A, G = out[kfac_factors()]["['conv']"]
+    xn = np.asarray(x)
+    patches = [xn[n, i:i + 3, j:j + 3, :].transpose(2, 0, 1).ravel() for n in range(4) for i in range(3) for j in range(3)]
+    A_ref = sum(np.outer(a, a) for a in patches) / len(patches)
+    G_ref = np.zeros((3, 3))
+    for n in range(4):
+        def own_loss(s, n=n):
+            logits = jax.nn.relu(s).reshape(-1) @ params["out"]
+            return -jax.nn.log_softmax(logits)[y[n]]
+        ds = np.asarray(jax.grad(own_loss)(features(params, x[n:n + 1])[0])).reshape(-1, 3)  # (locations, out)
+        G_ref += ds.T @ ds / 4
+    np.testing.assert_allclose(A, A_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-12)

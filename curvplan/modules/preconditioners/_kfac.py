@@ -4,8 +4,13 @@ refreshed every k steps, and the per-layer preconditioned direction.
 For a layer seen as a (d_in, d_out) matrix W (outputs = a @ W, conv: im2col patches), over N rows:
 
 - ``A = (1/N) Σ ā āᵀ`` with ā = [a, 1] when the layer has a bias (homogeneous coordinate), else ā = a;
-- ``Γ = (1/N) Σ (N δ)(N δ)ᵀ`` where δ are the output cotangents of the mean loss (``N δ`` is the cotangent of
-  the row's own loss term when the loss averages over the N rows), i.e. the empirical Fisher with true labels.
+- ``Γ = (1/M) Σ (M δ)(M δ)ᵀ`` where δ are the output cotangents of the mean loss over M terms (``M δ`` is the
+  cotangent of one term's own loss), i.e. the empirical Fisher with true labels.
+
+M = N for a dense layer with one loss term per row. Where one term spans several rows (a convolution's
+locations, a loop constant's iterations, an example-level loss over a sequence) the sum still runs over all N
+rows, which is KFC's T·E[āāᵀ] ⊗ E[DsDsᵀ] (Grosse & Martens 2016, spatial homogeneity; "expand" for
+sequences): Γ carries the factor T = N / M that A's mean leaves out.
 
 Factors are averaged with weight ``ema`` (value = Σ ema^i x_i / Σ ema^i, no separate bias correction). The
 direction solves ``(A ⊗ Γ + γ I) vec(U) = vec(∇)`` exactly in the factors' eigenbases (``damping_mode="exact"``)
@@ -16,6 +21,10 @@ with two or more axes gets blocks for d_out = ``shape[out_axis]``, d_in = size /
 / plain ``x @ W`` / HWIO convolutions, ``0`` for equinox / torch layouts). A discovered layer whose matrix shape
 does not match, and every leaf discovery could not handle, uses the fallback (``identity``: the gradient itself,
 ``diagonal``: ``g / (EMA(g²) + γ)``); their count is reported as ``kfac_fallback_leaves``.
+
+Stacked layers (one leaf scanned over by ``scan``: ``nn.scan``, equinox scan-over-layers) are named by key prefix
+in ``stacked``: their leaves' leading axis is the stack, every slice gets its own factors, inverses and
+direction, computed batched over the stack.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -57,14 +67,27 @@ def _pi_damped(lA, lG, gamma):
     return pi * s, s / pi
 
 
-def _blocks(params, out_axis: int) -> dict[str, tuple[int, int]]:
-    """Leaf key -> (d_in, d_out) of the state blocks, from shapes only."""
+def _blocks(params, out_axis: int, stacked: tuple[str, ...] = ()) -> dict[str, tuple[int, int, int]]:
+    """Leaf key -> (stack, d_in, d_out) of the state blocks, from shapes only (stack 0: a single matrix)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            d_out = jnp.shape(leaf)[out_axis]
-            out[jax.tree_util.keystr(path)] = (int(jnp.size(leaf)) // d_out, d_out)
+        key, shape = jax.tree_util.keystr(path), jnp.shape(leaf)
+        stack = shape[0] if any(key.startswith(s) for s in stacked) else 0
+        inner = shape[1:] if stack else shape
+        if len(inner) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            d_out = inner[out_axis]
+            out[key] = (stack, int(np.prod(inner)) // d_out, d_out)
     return out
+
+
+def _stack_eye(n: int, stack: int, dt) -> jax.Array:
+    eye = jnp.eye(n, dtype=dt)
+    return jnp.broadcast_to(eye, (stack, n, n)) if stack else eye
+
+
+def _per_slice(fn, stack: int):
+    """``fn`` over a single layer's arrays, mapped over the leading axis for a stacked layer."""
+    return jax.vmap(fn) if stack else fn
 
 
 def _report(acts, module: str):
@@ -79,8 +102,16 @@ def _report(acts, module: str):
 
 
 def _covered(report, blocks) -> dict[str, Any]:
-    """Discovered layers whose matrix shape matches the state blocks."""
-    return {k: l for k, l in report.layers.items() if blocks.get(k) == (l.d_in, l.d_out)}
+    """Discovered layers whose (stack, d_in, d_out) match the state blocks."""
+    return {k: l for k, l in report.layers.items() if blocks.get(k) == (l.stack, l.d_in, l.d_out)}
+
+
+def _check_stacked(params, stacked: tuple[str, ...], module: str) -> None:
+    keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    missing = [s for s in stacked if not any(k.startswith(s) for k in keys)]
+    if missing:
+        raise LoweringError(f"stacked prefixes {missing} match no parameter leaf", where=f"module `{module}`",
+                            fix=f"give prefixes of keys as `jax.tree_util.keystr` prints them, e.g. {keys[:3]}")
 
 
 class KFACFactorsState(NamedTuple):
@@ -102,6 +133,8 @@ class KFACFactors(Module):
     """Γ from the cotangents at the batch's labels (empirical Fisher) or at labels sampled from the model's
     predictive (the Fisher; needs ``model_fn``/``loss`` and an rng, and costs a second backward pass)."""
     out_axis: Literal[-1, 0] = -1
+    stacked: tuple[str, ...] = ()
+    """Key prefixes of stacked layers' leaves (leading axis = the stack; see the module doc)."""
     cost = 0.2
     sink = True  # the averages must see every step's statistics, whether or not a refresh reads them
     state_fields = ("sums", "weight")
@@ -113,28 +146,39 @@ class KFACFactors(Module):
         return (kfac_factors(),)
 
     def init(self, params, ctx):
+        _check_stacked(params, self.stacked, ctx.module)
         dt = jnp.result_type(float)
-        sums = {k: (jnp.zeros((i + 1, i + 1), dt), jnp.zeros((o, o), dt)) for k, (i, o) in _blocks(params, self.out_axis).items()}
+        lead = lambda s: (s,) if s else ()  # noqa: E731
+        sums = {k: (jnp.zeros(lead(s) + (i + 1, i + 1), dt), jnp.zeros(lead(s) + (o, o), dt))
+                for k, (s, i, o) in _blocks(params, self.out_axis, self.stacked).items()}
         return KFACFactorsState(sums, jnp.zeros((), dt))
 
     def apply(self, inputs, state, ctx):
         acts, cots = inputs[q.activations()], inputs[q.out_cotangents(labels=self.labels)]
-        blocks = {k: (A.shape[0] - 1, G.shape[0]) for k, (A, G) in state.sums.items()}
+        blocks = {k: (A.shape[0] if A.ndim == 3 else 0, A.shape[-1] - 1, G.shape[-1])
+                  for k, (A, G) in state.sums.items()}
         layers = _covered(_report(acts, ctx.module), blocks)
         sums, out = dict(state.sums), {}
         weight = self.ema * state.weight + 1.0
         for key, layer in layers.items():
-            a, d = acts[key].astype(weight.dtype), cots[key].astype(weight.dtype)
-            n = a.shape[0]
-            a = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)  # homogeneous column (always kept)
-            A = jnp.matmul(a.T, a, precision=_HI) / n
-            G = jnp.matmul(d.T, d, precision=_HI) * n
-            A, G = 0.5 * (A + A.T), 0.5 * (G + G.T)
+            terms = getattr(cots, "terms", None) or acts[key].shape[-2]
+            A, G = _per_slice(lambda a, d: _layer_factors(a, d, terms), layer.stack)(
+                acts[key].astype(weight.dtype), cots[key].astype(weight.dtype))
             sA, sG = state.sums[key]
             sums[key] = (self.ema * sA + A, self.ema * sG + G)
             A_avg, G_avg = sums[key][0] / weight, sums[key][1] / weight
-            out[key] = (A_avg if layer.bias else A_avg[:-1, :-1], G_avg)
+            out[key] = (A_avg if layer.bias else A_avg[..., :-1, :-1], G_avg)
         return {kfac_factors(): _Factors(out, acts.report)}, KFACFactorsState(sums, weight)
+
+
+def _layer_factors(a: jax.Array, d: jax.Array, terms: int) -> tuple[jax.Array, jax.Array]:
+    """One batch's (A, Γ) of one layer from its (N, d_in) inputs and (N, d_out) cotangents of a mean over
+    ``terms`` loss terms."""
+    n = a.shape[0]
+    a = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)  # homogeneous column (always kept)
+    A = jnp.matmul(a.T, a, precision=_HI) / n
+    G = jnp.matmul(d.T, d, precision=_HI) * terms
+    return _linalg.symmetrize(A), _linalg.symmetrize(G)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -179,6 +223,7 @@ class KFACInverse(Module):
 
     kind: Literal["kfac_inverse"] = "kfac_inverse"
     out_axis: Literal[-1, 0] = -1
+    stacked: tuple[str, ...] = ()
     pi_damping: float | None = Field(None, gt=0)
     cost = 0.5
     state_fields = ("failures",)
@@ -198,33 +243,22 @@ class KFACInverse(Module):
 
     def init_carried(self, qv, params, ctx):
         dt = jnp.result_type(float)
-        if self.pi_damping is None:
-            layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.zeros(i + 1, dt), jnp.eye(o, dtype=dt), jnp.zeros(o, dt))
-                      for k, (i, o) in _blocks(params, self.out_axis).items()}
-        else:
-            layers = {k: (jnp.eye(i + 1, dtype=dt), jnp.eye(o, dtype=dt))
-                      for k, (i, o) in _blocks(params, self.out_axis).items()}
+        lead = lambda s: (s,) if s else ()  # noqa: E731
+        layers = {}
+        for k, (s, i, o) in _blocks(params, self.out_axis, self.stacked).items():
+            if self.pi_damping is None:
+                layers[k] = (_stack_eye(i + 1, s, dt), jnp.zeros(lead(s) + (i + 1,), dt), _stack_eye(o, s, dt),
+                             jnp.zeros(lead(s) + (o,), dt))
+            else:
+                layers[k] = (_stack_eye(i + 1, s, dt), _stack_eye(o, s, dt))
         return {"count": jnp.zeros((), jnp.int32), "layers": layers}
 
     def apply(self, inputs, state, ctx):
         factors, prev = inputs[kfac_factors()], inputs[self._out()]
         layers, finite = dict(prev["layers"]), jnp.array(True)
         for key, (A, G) in factors.items():
-            lA, QA = _safe_eigh(A)
-            lG, QG = _safe_eigh(G)
-            pad = layers[key][0].shape[0] - A.shape[0]
-            if self.pi_damping is None:
-                if pad:
-                    QA = jax.scipy.linalg.block_diag(QA, jnp.eye(pad, dtype=QA.dtype))
-                    lA = jnp.concatenate([lA, jnp.zeros(pad, lA.dtype)])
-                entry = (QA, lA, QG, lG)
-            else:
-                dA, dG = _pi_damped(lA, lG, self.pi_damping)
-                Ainv = jnp.matmul(QA / (lA + dA)[None, :], QA.T, precision=_HI)
-                Ginv = jnp.matmul(QG / (lG + dG)[None, :], QG.T, precision=_HI)
-                if pad:
-                    Ainv = jax.scipy.linalg.block_diag(Ainv, jnp.eye(pad, dtype=Ainv.dtype))
-                entry = (_linalg.symmetrize(Ainv), _linalg.symmetrize(Ginv))
+            pad = layers[key][0].shape[-1] - A.shape[-1]
+            entry = _per_slice(lambda A, G, pad=pad: self._refresh(A, G, pad), A.ndim == 3)(A, G)
             layers[key] = entry
             finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in entry]))
         new = {"count": prev["count"] + 1, "layers": layers}
@@ -232,6 +266,22 @@ class KFACInverse(Module):
         failures = state.failures + (~finite).astype(jnp.int32)
         ctx.report("kfac_inverse_failures", failures)
         return {self._out(): out}, KFACInverseState(failures)
+
+    def _refresh(self, A, G, pad: int):
+        """One layer's entry: (Q_A, λ_A, Q_Γ, λ_Γ), or the π-damped inverses (Â⁻¹, Γ̂⁻¹)."""
+        lA, QA = _safe_eigh(A)
+        lG, QG = _safe_eigh(G)
+        if self.pi_damping is None:
+            if pad:
+                QA = jax.scipy.linalg.block_diag(QA, jnp.eye(pad, dtype=QA.dtype))
+                lA = jnp.concatenate([lA, jnp.zeros(pad, lA.dtype)])
+            return QA, lA, QG, lG
+        dA, dG = _pi_damped(lA, lG, self.pi_damping)
+        Ainv = jnp.matmul(QA / (lA + dA)[None, :], QA.T, precision=_HI)
+        Ginv = jnp.matmul(QG / (lG + dG)[None, :], QG.T, precision=_HI)
+        if pad:
+            Ainv = jax.scipy.linalg.block_diag(Ainv, jnp.eye(pad, dtype=Ainv.dtype))
+        return _linalg.symmetrize(Ainv), _linalg.symmetrize(Ginv)
 
 
 class KFACDirection(Module):
@@ -255,6 +305,7 @@ class KFACDirection(Module):
     fallback: Literal["identity", "diagonal"] = "identity"
     fallback_ema: float = Field(0.99, ge=0.0, lt=1.0)
     out_axis: Literal[-1, 0] = -1
+    stacked: tuple[str, ...] = ()
     adaptive: bool = False
     cost = 0.1
     state_fields = ("v", "count")
@@ -283,7 +334,7 @@ class KFACDirection(Module):
         basis = inputs[self._basis()]
         gamma = inputs[q.lam()] if self.adaptive else self.damping
         report = _report(inputs[q.activations()], ctx.module)
-        layers = _covered(report, _blocks(g, self.out_axis))
+        layers = _covered(report, _blocks(g, self.out_axis, self.stacked))
         v, count = state
         count = count + 1
         if self.fallback == "diagonal":
@@ -301,17 +352,19 @@ class KFACDirection(Module):
             grad_m = layer.to_matrix(flat_g[key]).astype(dt)
             n = layer.d_in
             if layer.bias:
-                grad_m = jnp.concatenate([grad_m, flat_g[layer.bias][layer.bias_index][None].astype(dt)], 0)
+                bias_row = flat_g[layer.bias].reshape(-1)[layer.bias_index][..., None, :].astype(dt)
+                grad_m = jnp.concatenate([grad_m, bias_row], -2)
                 n += 1
             if self._uses_inverses:
                 Ainv, Ginv = entry
-                U = jnp.matmul(jnp.matmul(Ainv[:n, :n], grad_m, precision=_HI), Ginv, precision=_HI)
+                U = jnp.matmul(jnp.matmul(Ainv[..., :n, :n], grad_m, precision=_HI), Ginv, precision=_HI)
             else:
                 QA, lA, QG, lG = entry
-                U = self.solve(QA[:n, :n], lA[:n], QG, lG, grad_m, gamma)
-            solved[key] = jnp.where(ready, layer.from_matrix(U[: layer.d_in]), 0.0).astype(flat_g[key].dtype)
+                solve = _per_slice(lambda QA, lA, QG, lG, m: self.solve(QA, lA, QG, lG, m, gamma), layer.stack)
+                U = solve(QA[..., :n, :n], lA[..., :n], QG, lG, grad_m)
+            solved[key] = jnp.where(ready, layer.from_matrix(U[..., : layer.d_in, :]), 0.0).astype(flat_g[key].dtype)
             if layer.bias:
-                b = jnp.zeros_like(flat_g[layer.bias]).reshape(-1).at[layer.bias_index].set(U[-1])
+                b = jnp.zeros_like(flat_g[layer.bias]).reshape(-1).at[layer.bias_index].set(U[..., -1, :])
                 solved[layer.bias] = jnp.where(ready, b.reshape(flat_g[layer.bias].shape), 0.0)
         paths, treedef = jax.tree_util.tree_flatten_with_path(u)
         leaves = [solved.get(jax.tree_util.keystr(p), x) for p, x in paths]
@@ -339,6 +392,7 @@ def kfac(
     damping_mode: Literal["pi", "exact"] = "pi",
     fallback: Literal["identity", "diagonal"] = "identity",
     out_axis: Literal[-1, 0] = -1,
+    stacked: tuple[str, ...] = (),
     burnin: int = 0,
     labels: Literal["true", "sampled"] = "true",
     adapt_damping_every: int | None = None,
@@ -368,11 +422,11 @@ def kfac(
 
     adaptive = adapt_damping_every is not None
     mods: list[Module] = [
-        KFACFactors(ema=ema, out_axis=out_axis, labels=labels, every=1),
-        KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis,
+        KFACFactors(ema=ema, out_axis=out_axis, stacked=stacked, labels=labels, every=1),
+        KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis, stacked=stacked,
                     pi_damping=damping if damping_mode == "pi" and not adaptive else None),
         KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis,
-                      adaptive=adaptive),
+                      stacked=stacked, adaptive=adaptive),
         UpdateTail(learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
                    clip_norm=clip_norm),
     ]
