@@ -55,6 +55,16 @@ class Live:
         return time.perf_counter() - t0
 
 
+def _rotated(names: list[str], rep: int) -> list[str]:
+    """The A/B order of repeat ``rep``: the names rotated by ``rep`` (each runner leads in turn)."""
+    return names[rep % len(names):] + names[: rep % len(names)]
+
+
+def summary(v: list[float]) -> dict:
+    """samples, median, min and max of per-repeat values."""
+    return {"samples": v, "median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+
+
 def interleaved_step_times(runners: dict[str, Runner], w: Workload, *, steps: int = 30, repeats: int = 3,
                            seed: int = 0, batch_size: int | None = None,
                            progress: Callable[[str], None] | None = None) -> dict[str, dict]:
@@ -74,15 +84,13 @@ def interleaved_step_times(runners: dict[str, Runner], w: Workload, *, steps: in
     samples = {k: [] for k in runners}
     names = list(runners)
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for k in order:
+        for k in _rotated(names, rep):
             lv = live[k]
             n = -(-steps // lv.runner.period) * lv.runner.period
             samples[k].append(lv.run(n) / n)
         if progress:
             progress(f"repeat {rep + 1}/{repeats}: " + ", ".join(f"{k} {samples[k][-1] * 1e3:.2f} ms" for k in names))
-    return {k: {"samples": v, "median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v)),
-                "compile_s": live[k].compile_s} for k, v in samples.items()}
+    return {k: {**summary(v), "compile_s": live[k].compile_s} for k, v in samples.items()}
 
 
 def interleaved_scan_times(runners: dict[str, Runner], w: Workload, *, steps: int = 30, repeats: int = 3,
@@ -104,14 +112,13 @@ def interleaved_scan_times(runners: dict[str, Runner], w: Workload, *, steps: in
     samples = {k: [] for k in runners}
     names = list(runners)
     for rep in range(repeats):
-        for k in names[rep % len(names):] + names[: rep % len(names)]:
+        for k in _rotated(names, rep):
             lv = live[k]
             t0 = time.perf_counter()
             lv.params, lv.state = lv.runner.scan(lv.params, lv.state, stacks[k], lv.key)
             jax.block_until_ready((lv.params, lv.state))
             samples[k].append((time.perf_counter() - t0) / jax.tree.leaves(stacks[k])[0].shape[0])
-    return {k: {"samples": v, "median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-            for k, v in samples.items()}
+    return {k: summary(v) for k, v in samples.items()}
 
 
 def ratio_stats(a: dict, b: dict) -> dict:

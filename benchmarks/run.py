@@ -168,10 +168,7 @@ def suite_kfac(steps: int, repeats: int) -> list[dict]:
         peer.append(json.loads(out.stdout.strip().splitlines()[-1])["sec_per_step"][0])
         _log(f"repeat {rep + 1}/{repeats}: curvplan {mine[-1] * 1e3:.2f} ms, kfac-jax {peer[-1] * 1e3:.2f} ms")
 
-    def stats(v):
-        return {"samples": v, "median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-
-    a, b = stats(mine), stats(peer)
+    a, b = measure.summary(mine), measure.summary(peer)
     co = measure.cost(ours, w)
     return [{"method": "kfac", "workload": "w1", "peer": "kfac-jax 0.0.8 (jax 0.9.1, subprocess)",
              "time_curvplan": a, "time_peer": b, "time_ratio": measure.ratio_stats(a, b),

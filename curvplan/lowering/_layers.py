@@ -11,7 +11,8 @@ Inside ``scan`` (and ``fori_loop`` with a static trip count) a weight is either 
 on every iteration (an RNN cell: its rows are the iterations' rows concatenated, as a convolution's are its
 positions), or scanned over, one slice per iteration (stacked layers, ``nn.scan`` / ``eqx`` scan-over-layers):
 then the layer is a *stack* of ``stack`` matrices, its index, activations and cotangents gain a leading stack
-axis, and each slice is its own layer to the consumers.
+axis, and each slice is its own layer to the consumers. Batch dimensions of a ``dot_general`` (per-head weights
+applied to per-head inputs, ``nhtd,hde->nhte``, or ``vmap`` over (weights, inputs) pairs) stack the same way.
 
 >>> import jax, jax.numpy as jnp
 >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "scale": jnp.ones(4)}
@@ -60,6 +61,7 @@ class Layer:
         out_shape: shape of the op's output (the perturbation added to it).
         operand: which input of the op is the weight.
         loops: the enclosing ``scan`` levels, outer to inner, as (length, the weight is scanned over).
+        heads: matrices along the dot's batch dimensions (per-head weights, vmapped stacks); 0 if none.
     """
 
     key: str
@@ -74,11 +76,12 @@ class Layer:
     out_shape: tuple[int, ...]
     operand: int = 1
     loops: tuple[tuple[int, bool], ...] = ()
+    heads: int = 0
 
     @property
     def stack(self) -> int:
-        """Number of stacked matrices (the product of the scanned-over loop lengths); 0 for a single matrix."""
-        sizes = [n for n, scanned in self.loops if scanned]
+        """Number of stacked matrices (scanned-over loop lengths times heads); 0 for a single matrix."""
+        sizes = [n for n, scanned in self.loops if scanned] + ([self.heads] if self.heads else [])
         return int(np.prod(sizes)) if sizes else 0
 
     def to_matrix(self, kernel: jax.Array) -> jax.Array:
@@ -175,14 +178,19 @@ def _stacked_matrix(idx: np.ndarray, lead: int, rows: list[int], cols: list[int]
     return mat.reshape((-1, d_in, d_out) if lead else (d_in, d_out))
 
 
-def _dense_index(eqn, k: int, o: _Origin) -> np.ndarray | None:
-    """The index matrix of a dot_general whose operand k is the weight (None with batch dimensions)."""
+def _dense_index(eqn, k: int, o: _Origin) -> np.ndarray:
+    """The index matrix of a dot_general whose operand k is the weight. Batch dimensions of the dot (a weight
+    with one matrix per head / ensemble member, or vmapped over stacked parameters) are stack axes, after the
+    scan ones."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb:
-        return None
-    kc = (lc, rc)[k]
-    kfree = [d for d in range(o.idx.ndim - o.lead) if d not in kc]
-    return _stacked_matrix(o.idx, o.lead, list(kc), kfree)
+    kc, kb = (lc, rc)[k], (lb, rb)[k]
+    kfree = [d for d in range(o.idx.ndim - o.lead) if d not in kc and d not in kb]
+    if not kb:
+        return _stacked_matrix(o.idx, o.lead, list(kc), kfree)
+    idx = o.idx.transpose(tuple(range(o.lead)) + tuple(o.lead + d for d in list(kb) + list(kc) + kfree))
+    stack = o.idx.shape[:o.lead] + tuple(o.idx.shape[o.lead + d] for d in kb)
+    return _stacked_matrix(idx.reshape((int(np.prod(stack)),) + idx.shape[len(stack):]), 1,
+                           list(range(len(kc))), list(range(len(kc), len(kc) + len(kfree))))
 
 
 def _scan_body(eqn):
@@ -256,12 +264,9 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
             continue
         if name == "dot_general" and len(params_in) == 1:
             k, o = params_in[0]
-            mat = _dense_index(eqn, k, o)
-            if mat is None:
-                use(o.leaf, _Use("unknown use: dot_general with batch dimensions"))
-                continue
-            use(o.leaf, _Use("dense", here, eqn, k, mat, loops=o.loops))
-            outs[eqn.outvars[0]] = (here, _dense_feat(eqn, k))
+            use(o.leaf, _Use("dense", here, eqn, k, _dense_index(eqn, k, o), loops=o.loops))
+            if not eqn.params["dimension_numbers"][1][k]:  # a per-head bias is not followed (reported instead)
+                outs[eqn.outvars[0]] = (here, _dense_feat(eqn, k))
         elif name == "conv_general_dilated" and [j for j, _ in params_in] == [1]:
             o = ins[1]
             p = eqn.params
@@ -374,8 +379,9 @@ def discover_layers(fn: Callable, params: Any, *args: Any, tags: Mapping[str, st
             if tags.get(key, u.kind) != u.kind:
                 raise LoweringError(f"{key} is tagged {tags[key]!r} but is used as a {u.kind} layer",
                                     where=f"discover_layers, leaf {key}", fix=f"tag it {u.kind!r} or 'skip'")
+            heads = _heads(u.eqn, u.operand) if u.kind == "dense" else 0
             layers[key] = Layer(key, u.kind, tuple(np.shape(paths[leaf][1])), u.idx.shape[-2], u.idx.shape[-1], None,
-                                u.idx, None, u.path, tuple(u.eqn.outvars[0].aval.shape), u.operand, u.loops)
+                                u.idx, None, u.path, tuple(u.eqn.outvars[0].aval.shape), u.operand, u.loops, heads)
         else:
             skipped[key] = us[0].kind
     by_path = {l.path: k for k, l in layers.items()}
@@ -395,6 +401,11 @@ def discover_layers(fn: Callable, params: Any, *args: Any, tags: Mapping[str, st
                                 f"({skipped.get(key, 'it is a bias')})", where=f"discover_layers, leaf {key}",
                                 fix="check the key, or tag it 'skip'")
     return LayerReport(dict(sorted(layers.items())), dict(sorted(skipped.items())))
+
+
+def _heads(eqn, k: int) -> int:
+    kb = eqn.params["dimension_numbers"][1][k]
+    return int(np.prod([eqn.invars[k].aval.shape[d] for d in kb])) if kb else 0
 
 
 def _bias_index(u: _Use, d_out: int, stack: int) -> np.ndarray | None:
@@ -418,13 +429,15 @@ def _layer_values(layer: Layer, eqn, invals, out) -> tuple[jax.Array, Callable[[
     """(activations (N, d_in), map from output-shaped cotangent to (N, d_out))."""
     if layer.kind == "dense":
         k = layer.operand
-        (lc, rc), _ = eqn.params["dimension_numbers"]
-        x, xc = invals[1 - k], (lc, rc)[1 - k]
-        xfree = [d for d in range(x.ndim) if d not in xc]
-        acts = jnp.transpose(x, xfree + list(xc)).reshape(-1, layer.d_in)
-        nk = out.ndim - len(xfree)
-        perm = list(range(out.ndim)) if k == 1 else list(range(nk, out.ndim)) + list(range(nk))
-        return acts, lambda c: jnp.transpose(c, perm).reshape(-1, layer.d_out)
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        x, xc, xb = invals[1 - k], (lc, rc)[1 - k], list((lb, rb)[1 - k])
+        xfree = [d for d in range(x.ndim) if d not in xc and d not in xb]
+        lead = (layer.heads, -1) if layer.heads else (-1,)
+        acts = jnp.transpose(x, xb + xfree + list(xc)).reshape(lead + (layer.d_in,))
+        nb, nx = len(xb), len(xfree)  # output dims: batch, then lhs free, then rhs free
+        perm = list(range(out.ndim)) if k == 1 else (
+            list(range(nb)) + list(range(out.ndim - nx, out.ndim)) + list(range(nb, out.ndim - nx)))
+        return acts, lambda c: jnp.transpose(c, perm).reshape(lead + (layer.d_out,))
     if layer.kind == "conv":
         p = eqn.params
         dn = p["dimension_numbers"]

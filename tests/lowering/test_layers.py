@@ -254,3 +254,27 @@ def test_flax_nn_scan_and_equinox_scan_over_layers():
     layer = report.layers[".weight"]
     assert (layer.stack, layer.d_in, layer.d_out, layer.bias) == (3, 4, 4, ".bias") and not report.skipped
     np.testing.assert_array_equal(layer.to_matrix(leaves.weight)[1], leaves.weight[1].T)
+
+
+def test_dot_batch_dimensions_are_heads():
+    """A weight with one matrix per head contracted against per-head inputs (``nhtd,hde->nhte``, or a vmap over
+    (weights, inputs) pairs) is a stack along the dot's batch axis, also inside a scan; a per-head bias is
+    reported, not guessed. A weight whose extra axis only widens the output (``ntd,hde->nhte``) is one matrix."""
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {"wo": jax.random.normal(k[0], (3, 4, 2)), "ens": jax.random.normal(k[1], (5, 4, 4)),
+              "blocks": jax.random.normal(k[2], (2, 3, 4, 2)), "b": jnp.ones((3, 2)),
+              "wide": jax.random.normal(k[4], (3, 4, 2))}
+
+    def loss(p, x):
+        xh = jnp.stack([x, 2 * x, x ** 2], axis=1)  # (n, heads, t, d)
+        h = jnp.einsum("nhtd,hde->nhte", xh, p["wo"]) + p["b"][None, :, None, :]
+        y = jax.vmap(lambda w, xi: jnp.tanh(xi @ w))(p["ens"], jnp.stack([x * i for i in range(5)]))
+        z, _ = jax.lax.scan(lambda c, w: (c + jnp.sum(jnp.einsum("nhtd,hde->nhte", xh, w) ** 2), None), 0.0,
+                            p["blocks"])
+        return jnp.sum(jnp.sin(h)) + jnp.sum(y ** 2) + z + jnp.sum(jnp.einsum("ntd,hde->nhte", x, p["wide"]) ** 2)
+
+    report = check_capture(loss, params, jax.random.normal(k[3], (2, 6, 4)))
+    got = {key: (l.heads, l.stack, l.d_in, l.d_out) for key, l in report.layers.items()}
+    assert got == {"['wo']": (3, 3, 4, 2), "['ens']": (5, 5, 4, 4), "['blocks']": (3, 6, 4, 2),
+                   "['wide']": (0, 0, 4, 6)}
+    assert report.skipped == {"['b']": "unknown use: add"}
