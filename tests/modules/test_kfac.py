@@ -209,7 +209,7 @@ def test_plan_text_shows_inverse_refresh_every_k():
           %direction.kfac                             = kfac_direction(%grad, carried %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1, stacked=())
           %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1, stacked=())
           %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
-        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
+        state: step, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
     """)
 
 

@@ -315,8 +315,11 @@ class KFACDirection(Module):
     stacked: tuple[str, ...] = ()
     adaptive: bool = False
     cost = 0.1
-    state_fields = ("v", "count")
     info_fields = (("kfac_layers", "int"), ("kfac_fallback_leaves", "int"))
+
+    @property
+    def state_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("v", "count") if self.fallback == "diagonal" else ("count",)  # EMA(g²) only for that fallback
 
     @property
     def _uses_inverses(self) -> bool:
