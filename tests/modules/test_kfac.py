@@ -397,3 +397,32 @@ def test_conv_factors_follow_kfc_from_explicit_patches():
         G_ref += ds.T @ ds / 4
     np.testing.assert_allclose(A, A_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+def test_per_head_weights_get_per_head_factors():
+    """Per-head weights contracted against per-head inputs (``nhd,hde->nhe``) named in ``stacked``: head h's A is
+    the mean of [x_h, 1][x_h, 1]ᵀ over the examples, from the inputs given here."""
+    k = jax.random.split(jax.random.key(6), 3)
+    params = {"heads": jax.random.normal(k[0], (3, 4, 2)), "out": jax.random.normal(k[1], (6, 2))}
+
+    def model(p, x):
+        xh = jnp.stack([x, jnp.tanh(x), x ** 2], axis=1)  # (n, heads, d)
+        h = jnp.einsum("nhd,hde->nhe", xh, p["heads"])
+        return jnp.tanh(h).reshape(x.shape[0], -1) @ p["out"]
+
+    x = jax.random.normal(k[2], (8, 4))
+    obj = Objective(model_fn=model, loss_kind="ce")
+    vals = PROVIDER_IMPLS["layer_io"](obj, params, (x, jnp.arange(8) % 2), None)
+    mod = KFACFactors(stacked=("['heads']",))
+    c = ctx(params)
+    out, _ = mod.apply({q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
+                       mod.init(params, c), c)
+    A, G = out[kfac_factors()]["['heads']"]
+    assert A.shape == (3, 4, 4) and G.shape == (3, 2, 2)  # no bias: the homogeneous slot is dropped
+    for h, xh in enumerate((np.asarray(x), np.tanh(np.asarray(x)), np.asarray(x) ** 2)):
+        np.testing.assert_allclose(A[h], xh.T @ xh / len(xh), rtol=1e-10, atol=1e-12)
+    opt = cp.Optimizer(kfac(learning_rate=0.1, inverse_every=1, stacked=("['heads']",)), model_fn=model, loss="ce")
+    state = opt.init(params)
+    _, _, info = opt.step(params, state, (x, jnp.arange(8) % 2))
+    assert int(info.kfac_layers) == 2 and int(info.kfac_fallback_leaves) == 0
