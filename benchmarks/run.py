@@ -2,12 +2,14 @@
 
     python -m benchmarks.run quick            # seconds: smoke subset (CI), checks the output is well formed
     python -m benchmarks.run all              # minutes: ablation + peers + time-to-target; updates README
-    python -m benchmarks.run ablation|peers|ttt|geometry [--workload w1] [--steps 30] [--repeats 3]
+    python -m benchmarks.run ablation|peers|kfac|vs-adamw|ttt|geometry [--workload w1] [--steps 30] [--repeats 3]
 
 Suites:
 - ``ablation``: each composition with something to share, planned vs ``compile_plan(..., optimize=False)``:
   per-step time ratio (A/B interleaved), FLOP ratio (XLA ``cost_analysis``), and which passes removed work.
 - ``peers``: each curvplan method vs the peer with the same settings (Somax v1, optax).
+- ``kfac``: curvplan K-FAC vs kfac-jax 0.0.8 on W1 (kfac-jax runs in its own venv, `make bench-peers`).
+- ``vs-adamw``: amortized per-step time of the Kronecker / geometry methods vs optax.adamw on W1 and W3.
 - ``ttt``: time- and steps-to-target vs AdamW over seeds (target: AdamW's held-out loss at 60% of its budget).
 - ``geometry``: W3 adaptive Schatten-p vs Muon per-step time; held-out loss after a fixed budget (3 seeds).
 """
@@ -178,6 +180,7 @@ def suite_kfac(steps: int, repeats: int) -> list[dict]:
 def suite_vs_adamw(workload: str, steps: int, repeats: int, methods: list[str]) -> list[dict]:
     """Amortized per-step time of each method vs optax.adamw on one workload (A/B interleaved per method)."""
     w = get_workload(workload)
+    adamw_flops = measure.cost(adamw(w), w)["flops"]
     rows = []
     for i, m in enumerate(methods):
         _progress(i, len(methods), f"{m} vs adamw on {workload}")
@@ -192,7 +195,7 @@ def suite_vs_adamw(workload: str, steps: int, repeats: int, methods: list[str]) 
         row = {"method": m, "workload": workload, "period": runners["curvplan"].period,
                "time_curvplan": times["curvplan"], "time_adamw": times["adamw"],
                "ratio_vs_adamw": measure.ratio_stats(times["curvplan"], times["adamw"]),
-               "flop_ratio_vs_adamw": measure.cost(runners["curvplan"], w)["flops"] / measure.cost(runners["adamw"], w)["flops"]}
+               "flop_ratio_vs_adamw": measure.cost(runners["curvplan"], w)["flops"] / adamw_flops}
         if workload in LOOP_TIMED:
             loop = measure.interleaved_scan_times({k: runners[k] for k in ("curvplan", "adamw")}, w, steps=steps,
                                                   repeats=repeats)
@@ -262,10 +265,8 @@ def suite_geometry(steps: int, repeats: int, seeds: int) -> dict:
             inv_p = slots.get("%schatten_inv_p")
             runs.append({"curve": res["curve"], "final_eval_loss": res["curve"][-1]["eval_loss"],
                          "p": None if inv_p is None else {k: _p_of(v) for k, v in inv_p.items()}})
-        losses = [x["final_eval_loss"] for x in runs]
         out["final"][m] = {"learning_rate": g["lr"].get(m, ADAMW_LR.get(w.name)), "runs": runs,
-                           "median": float(np.median(losses)), "min": float(np.min(losses)),
-                           "max": float(np.max(losses))}
+                           **measure.summary([x["final_eval_loss"] for x in runs])}
     _progress(len(names), len(names), "geometry done")
     return out
 

@@ -268,10 +268,9 @@ def _layer_io_sampled(obj: Objective, params, batch, rng):
     if obj.loss_kind == "ce":
         ys = jax.random.categorical(key, out, axis=-1)
         e = jax.nn.softmax(out, axis=-1) - jax.nn.one_hot(ys, out.shape[-1], dtype=out.dtype)
-        n = out.size // out.shape[-1]
     else:
         e = -jax.random.normal(key, out.shape, out.dtype)
-        n = out.shape[0]
+    n = _loss_terms(obj, batch)
 
     def surrogate(p, x, e):
         return jnp.sum(e * obj.model_fn(p, x)) / n

@@ -1,5 +1,5 @@
-"""K-FAC (ALGORITHMS.md §6.1): Kronecker factors from layer inputs and output cotangents, eigendecompositions
-refreshed every k steps, and the per-layer preconditioned direction.
+"""K-FAC (ALGORITHMS.md §6.1): Kronecker factors from layer inputs and output cotangents, their π-damped inverses
+(or, for exact / adaptive damping, eigendecompositions) refreshed every k steps, and the per-layer direction.
 
 For a layer seen as a (d_in, d_out) matrix W (outputs = a @ W, conv: im2col patches), over N rows:
 
@@ -85,9 +85,13 @@ def _blocks(params, out_axis: int, stacked: tuple[str, ...] = ()) -> dict[str, t
     return out
 
 
+def _lead(stack: int) -> tuple[int, ...]:
+    """The leading shape of a layer's state arrays: ``(stack,)`` for a stacked layer, else ``()``."""
+    return (stack,) if stack else ()
+
+
 def _stack_eye(n: int, stack: int, dt) -> jax.Array:
-    eye = jnp.eye(n, dtype=dt)
-    return jnp.broadcast_to(eye, (stack, n, n)) if stack else eye
+    return jnp.broadcast_to(jnp.eye(n, dtype=dt), _lead(stack) + (n, n))
 
 
 def _per_slice(fn, stack: int):
@@ -153,16 +157,13 @@ class KFACFactors(Module):
     def init(self, params, ctx):
         _check_stacked(params, self.stacked, ctx.module)
         dt = jnp.result_type(float)
-        lead = lambda s: (s,) if s else ()  # noqa: E731
-        sums = {k: (jnp.zeros(lead(s) + (i + 1, i + 1), dt), jnp.zeros(lead(s) + (o, o), dt))
+        sums = {k: (jnp.zeros(_lead(s) + (i + 1, i + 1), dt), jnp.zeros(_lead(s) + (o, o), dt))
                 for k, (s, i, o) in _blocks(params, self.out_axis, self.stacked).items()}
         return KFACFactorsState(sums, jnp.zeros((), dt))
 
     def apply(self, inputs, state, ctx):
         acts, cots = inputs[q.activations()], inputs[q.out_cotangents(labels=self.labels)]
-        blocks = {k: (A.shape[0] if A.ndim == 3 else 0, A.shape[-1] - 1, G.shape[-1])
-                  for k, (A, G) in state.sums.items()}
-        layers = _covered(_report(acts, ctx.module), blocks)
+        layers = _covered(_report(acts, ctx.module), _blocks(ctx.params, self.out_axis, self.stacked))
         sums, out = dict(state.sums), {}
         weight = self.ema * state.weight + 1.0
         for key, layer in layers.items():
@@ -178,12 +179,10 @@ class KFACFactors(Module):
 
 def _layer_factors(a: jax.Array, d: jax.Array, terms: int) -> tuple[jax.Array, jax.Array]:
     """One batch's (A, Γ) of one layer from its (N, d_in) inputs and (N, d_out) cotangents of a mean over
-    ``terms`` loss terms."""
+    ``terms`` loss terms (symmetrized where they are factorized, by `KFACInverse`, not every step)."""
     n = a.shape[0]
     a = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)  # homogeneous column (always kept)
-    A = jnp.matmul(a.T, a, precision=_HI) / n
-    G = jnp.matmul(d.T, d, precision=_HI) * terms
-    return _linalg.symmetrize(A), _linalg.symmetrize(G)
+    return jnp.matmul(a.T, a, precision=_HI) / n, jnp.matmul(d.T, d, precision=_HI) * terms
 
 
 @jax.tree_util.register_pytree_node_class
@@ -249,12 +248,11 @@ class KFACInverse(Module):
 
     def init_carried(self, qv, params, ctx):
         dt = jnp.result_type(float)
-        lead = lambda s: (s,) if s else ()  # noqa: E731
         layers = {}
         for k, (s, i, o) in _blocks(params, self.out_axis, self.stacked).items():
             if self.pi_damping is None:
-                layers[k] = (_stack_eye(i + 1, s, dt), jnp.zeros(lead(s) + (i + 1,), dt), _stack_eye(o, s, dt),
-                             jnp.zeros(lead(s) + (o,), dt))
+                layers[k] = (_stack_eye(i + 1, s, dt), jnp.zeros(_lead(s) + (i + 1,), dt), _stack_eye(o, s, dt),
+                             jnp.zeros(_lead(s) + (o,), dt))
             else:
                 layers[k] = (_stack_eye(i + 1, s, dt), _stack_eye(o, s, dt))
         return {"count": jnp.zeros((), jnp.int32), "layers": layers}
@@ -411,8 +409,8 @@ def kfac(
     weight_decay: float = 0.0,
     clip_norm: float | None = None,
 ) -> list[Module]:
-    """K-FAC: factors every step, eigendecompositions every ``inverse_every`` steps (first at ``burnin``),
-    π-adjusted damping, then ``-lr·U`` through `UpdateTail`. Before the first refresh (the ``burnin`` steps, which
+    """K-FAC: factors every step, π-damped inverses (Cholesky; eigendecompositions for ``damping_mode="exact"``
+    or adaptive damping) every ``inverse_every`` steps (first at ``burnin``), then ``-lr·U`` through `UpdateTail`. Before the first refresh (the ``burnin`` steps, which
     still accumulate factors) the covered layers do not move.
 
     ``adapt_damping_every=k`` makes the damping adaptive as kfac-jax does (Martens & Grosse §6.5): every k steps
