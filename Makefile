@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
+.PHONY: demo test test-newest bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,32 @@ demo: $(VENV)/.examples graphviz
 	$(BIN)/python -m curvplan.examples.digits
 
 test: $(VENV)/.test graphviz
+	@$(BIN)/python -c "import sys, jax, jaxlib, optax; print(f'curvplan tests: Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}')"
 	$(BIN)/python -m pytest tests curvplan
+
+# The suite again on the newest JAX: a second venv on the newest Python that pyenv (or PATH) has, with the
+# newest jax / jaxlib / optax / flax / equinox that pip resolves. Without such a Python it prints a note.
+NEWEST_VENV := .venv-newest
+NEWEST_PYTHON ?= $(shell for v in 3.13 3.12; do \
+	  p=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -1); \
+	  [ -n "$$p" ] || p=$$(command -v python$$v 2>/dev/null); [ -n "$$p" ] && "$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; \
+	done)
+
+$(NEWEST_VENV)/.test: pyproject.toml
+	@test -n "$(NEWEST_PYTHON)" || { echo "note: no Python 3.12 / 3.13 found"; exit 1; }
+	"$(NEWEST_PYTHON)" -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/pip install -q --upgrade -e ".[test]"
+	touch $@
+
+test-newest: graphviz
+	@if [ -z "$(NEWEST_PYTHON)" ]; then \
+	  echo "note: no Python 3.12 or 3.13 on this machine (pyenv or PATH): the newest-JAX run is skipped"; \
+	else \
+	  $(MAKE) --no-print-directory $(NEWEST_VENV)/.test && \
+	  $(NEWEST_VENV)/bin/python -c "import sys, jax, jaxlib, optax; print(f'curvplan tests: Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}')" && \
+	  $(NEWEST_VENV)/bin/python -m pytest tests curvplan; \
+	fi
 
 # Fashion-MNIST (workload W2) comes from the Debian package; without it W2 is skipped with a note.
 fashion-mnist:
@@ -71,4 +96,4 @@ bench-planner: $(VENV)/.core
 	$(BIN)/python -m benchmarks.planner_speed
 
 clean:
-	rm -rf $(VENV) $(KFAC_VENV) .pytest_cache plan.svg plan.png
+	rm -rf $(VENV) $(NEWEST_VENV) $(KFAC_VENV) .pytest_cache plan.svg plan.png

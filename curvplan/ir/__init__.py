@@ -18,7 +18,7 @@ from curvplan.ir._errors import (
     PlanVerifyError,
 )
 from curvplan.ir._graph import phase_graph, verify_phase
-from curvplan.ir._module import MODULE_KINDS, Module, Use, carried, fresh, module_from_dict
+from curvplan.ir._module import MODULE_KINDS, Hyperparameter, Module, Use, carried, fresh, module_from_dict
 from curvplan.ir._providers import PROVIDERS, ProviderRule, register_provider
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase, Read
@@ -27,6 +27,6 @@ __all__ = [
     "quantities", "Cadence", "EVERY_STEP", "describe_steps", "horizon", "PlanDiff", "diff_plans", "Error",
     "ConfigError", "PlanError", "MissingProducerError", "AmbiguousProducerError", "CycleError", "CadenceError",
     "DuplicateNameError", "PeriodError", "PlanVerifyError", "LoweringError", "CheckpointError", "phase_graph",
-    "verify_phase", "MODULE_KINDS", "Module", "Use", "carried", "fresh", "module_from_dict", "PROVIDERS",
+    "verify_phase", "MODULE_KINDS", "Hyperparameter", "Module", "Use", "carried", "fresh", "module_from_dict", "PROVIDERS",
     "ProviderRule", "register_provider", "Quantity", "Op", "Phase", "Read",
 ]

@@ -16,9 +16,10 @@ A module is a frozen pydantic model with a ``kind`` discriminator. It declares w
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, NamedTuple
+import math
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError, model_validator
 
 from curvplan.ir._cadence import Cadence
 from curvplan.ir._errors import ConfigError
@@ -46,6 +47,72 @@ def fresh(q: Quantity) -> Use:
 def carried(q: Quantity) -> Use:
     """The consumer accepts the last computed value of ``q`` (kept in the optimizer state)."""
     return Use(q, "carried")
+
+
+def _array_like(v: Any) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype") and not isinstance(v, (int, float))
+
+
+def Hyperparameter(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+                   schedule: bool = False) -> Any:
+    """A field type for a hyperparameter that may be traced: a finite number within the bounds, a scalar
+    array (``optax.inject_hyperparams`` hands the factory traced arrays, which are checked only once they are
+    concrete), or, with ``schedule=True``, a callable ``step -> value``.
+
+    >>> from pydantic import BaseModel
+    >>> class M(BaseModel):
+    ...     lr: Hyperparameter(gt=0, schedule=True) = 1.0
+    >>> M(lr=0.5).lr, M(lr=lambda t: 0.1).model_dump()["lr"]
+    (0.5, '<schedule <lambda>>')
+    >>> M(lr=float("nan"))
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for M
+    ...
+    """
+
+    def check_number(x: float) -> None:
+        if not math.isfinite(x):
+            raise ValueError(f"must be finite, got {x}")
+        for bound, ok, word in ((gt, lambda b: x > b, ">"), (ge, lambda b: x >= b, ">="),
+                                (lt, lambda b: x < b, "<")):
+            if bound is not None and not ok(bound):
+                raise ValueError(f"must be {word} {bound}, got {x}")
+
+    def validate(v: Any) -> Any:
+        if isinstance(v, bool) or isinstance(v, str):
+            raise ValueError(f"expected a number, got {v!r}")
+        if _array_like(v):
+            if tuple(v.shape) != ():
+                raise ValueError(f"expected a scalar, got an array of shape {tuple(v.shape)}")
+            try:
+                x = float(v)
+            except Exception:  # a tracer: its value is known only inside the step
+                return v
+            check_number(x)
+            return v
+        if callable(v):
+            if not schedule:
+                raise ValueError("a schedule (callable) is not accepted here; give a number")
+            return v
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {type(v).__name__}") from None
+        check_number(x)
+        return x
+
+    def serialize(v: Any) -> Any:
+        if isinstance(v, (int, float)):
+            return v
+        if _array_like(v):
+            try:
+                return float(v)
+            except Exception:
+                return "<traced>"
+        return f"<schedule {getattr(v, '__name__', type(v).__name__)}>"
+
+    return Annotated[Any, BeforeValidator(validate), PlainSerializer(serialize, return_type=Any)]
 
 
 class Module(BaseModel):

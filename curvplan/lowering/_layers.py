@@ -33,16 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+from jax.extend.core import primitives as P
 
 from curvplan.ir._errors import LoweringError
 
 LayerKind = Literal["dense", "conv", "embedding"]
 _TAGS = ("dense", "conv", "embedding", "skip")
+# Primitives are matched as objects, never by name: names change between JAX releases (``call`` printed as
+# ``eval_jaxpr`` from 0.12), the objects in `jax.extend.core.primitives` are the public handle.
 # ops that only move or cast the elements of a parameter (followed, not counted as uses)
-_LAYOUT = {"reshape", "transpose", "convert_element_type", "copy", "copy_p", "squeeze", "expand_dims",
-           "broadcast_in_dim"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr"}
+_LAYOUT = {P.reshape_p, P.transpose_p, P.convert_element_type_p, P.copy_p, P.squeeze_p, P.broadcast_in_dim_p}
+# calls whose one sub-jaxpr takes the equation's operands and returns its results (jit, checkpoint, custom rules)
+_CALLS = {P.jit_p, P.call_p, P.closed_call_p, P.remat_p, P.custom_jvp_call_p, P.custom_vjp_call_p}
+_SCAN = P.scan_p
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,10 +147,14 @@ class _Use:
 
 def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
     """(jaxpr, consts) of a call-like equation whose sub-jaxpr invars/outvars match the eqn's 1-1."""
-    if eqn.primitive.name not in _CALLS:
+    if eqn.primitive not in _CALLS:
         return None
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(name)
+    return _param_jaxpr(eqn)
+
+
+def _param_jaxpr(eqn) -> tuple[Any, list] | None:
+    """(jaxpr, consts) of the one sub-jaxpr among an equation's parameters, found by type, not by name."""
+    for sub in eqn.params.values():
         if isinstance(sub, jcore.ClosedJaxpr):
             return sub.jaxpr, list(sub.consts)
         if isinstance(sub, jcore.Jaxpr):
@@ -157,11 +164,11 @@ def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
 
 def _layout(eqn, idx: np.ndarray, lead: int) -> np.ndarray:
     """``idx`` (``lead`` stack axes + the input's shape) moved as the op moves the input's elements."""
-    p, name = eqn.params, eqn.primitive.name
+    p, prim = eqn.params, eqn.primitive
     stack, shape = idx.shape[:lead], tuple(eqn.outvars[0].aval.shape)
-    if name == "transpose":
+    if prim is P.transpose_p:
         return idx.transpose(tuple(range(lead)) + tuple(lead + d for d in p["permutation"]))
-    if name == "broadcast_in_dim":
+    if prim is P.broadcast_in_dim_p:
         expanded = np.ones(len(shape), int)
         for src, dst in enumerate(p["broadcast_dimensions"]):
             expanded[dst] = idx.shape[lead + src]
@@ -194,11 +201,19 @@ def _dense_index(eqn, k: int, o: _Origin) -> np.ndarray:
 
 
 def _scan_body(eqn):
-    """(body jaxpr, consts, num_consts, num_carry) of a ``scan`` equation, else None."""
-    if eqn.primitive.name != "scan":
+    """(body jaxpr, consts, num_consts, num_carry) of a ``scan`` equation, else None.
+
+    The split of the operands is read off the avals, not the equation's parameters (whose names change
+    between JAX releases): the body maps (consts, carry, x) to (carry, y), and a scanned-over operand or a
+    stacked output has one more axis than its body variable, while consts and carries keep their rank."""
+    if eqn.primitive is not _SCAN:
         return None
-    body = eqn.params["jaxpr"]
-    return body.jaxpr, list(body.consts), eqn.params["num_consts"], eqn.params["num_carry"]
+    body_jaxpr, body_consts = _param_jaxpr(eqn)
+    same = [w.aval.ndim == v.aval.ndim for w, v in zip(eqn.outvars, body_jaxpr.outvars)]
+    num_carry = same.index(False) if False in same else len(same)
+    same_in = [w.aval.ndim == v.aval.ndim for w, v in zip(eqn.invars, body_jaxpr.invars)]
+    num_consts = (same_in.index(False) if False in same_in else len(same_in)) - num_carry
+    return body_jaxpr, body_consts, num_consts, num_carry
 
 
 def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]) -> None:
@@ -210,7 +225,7 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
 
     for i, eqn in enumerate(jaxpr.eqns):
         here = path + (i,)
-        name = eqn.primitive.name
+        prim, name = eqn.primitive, eqn.primitive.name
         for v in eqn.outvars:  # a sub-jaxpr shared by two calls is walked twice: forget the first walk
             origins.pop(v, None)
             outs.pop(v, None)
@@ -249,7 +264,7 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
             _analyze(body, origins, uses, outs, here)
             continue
         params_in = [(j, o) for j, o in enumerate(ins) if o is not None]
-        if name in _LAYOUT and len(eqn.invars) == 1:
+        if prim in _LAYOUT and len(eqn.invars) == 1:
             if ins[0] is not None:
                 origins[eqn.outvars[0]] = ins[0].moved(_layout(eqn, ins[0].idx, ins[0].lead))
             elif isinstance(eqn.invars[0], jcore.Var) and eqn.invars[0] in outs:
@@ -258,16 +273,16 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
             continue
         if not params_in:
             carried_outs = [v for v in eqn.invars if isinstance(v, jcore.Var) and v in outs]
-            if name in ("add", "sub") and len(carried_outs) == 1 and (
+            if prim in (P.add_p, P.sub_p) and len(carried_outs) == 1 and (
                     eqn.outvars[0].aval.shape == carried_outs[0].aval.shape):  # a residual added to a layer output
                 outs[eqn.outvars[0]] = outs[carried_outs[0]]
             continue
-        if name == "dot_general" and len(params_in) == 1:
+        if prim is P.dot_general_p and len(params_in) == 1:
             k, o = params_in[0]
             use(o.leaf, _Use("dense", here, eqn, k, _dense_index(eqn, k, o), loops=o.loops))
             if not eqn.params["dimension_numbers"][1][k]:  # a per-head bias is not followed (reported instead)
                 outs[eqn.outvars[0]] = (here, _dense_feat(eqn, k))
-        elif name == "conv_general_dilated" and [j for j, _ in params_in] == [1]:
+        elif prim is P.conv_general_dilated_p and [j for j, _ in params_in] == [1]:
             o = ins[1]
             p = eqn.params
             if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
@@ -277,11 +292,11 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
             mat = _stacked_matrix(o.idx, o.lead, [rhs[1], *rhs[2:]], [rhs[0]])
             use(o.leaf, _Use("conv", here, eqn, 1, mat, loops=o.loops))
             outs[eqn.outvars[0]] = (here, _conv_feat(eqn))
-        elif name == "gather" and [j for j, _ in params_in] == [0] and _is_row_gather(eqn, ins[0]):
+        elif prim is P.gather_p and [j for j, _ in params_in] == [0] and _is_row_gather(eqn, ins[0]):
             o = ins[0]
             use(o.leaf, _Use("embedding", here, eqn, 0, _stacked_matrix(o.idx, o.lead, [0], [1]), loops=o.loops))
             outs[eqn.outvars[0]] = (here, np.broadcast_to(np.arange(o.idx.shape[-1]), eqn.outvars[0].aval.shape))
-        elif name == "add" and len(params_in) == 1 and any(
+        elif prim is P.add_p and len(params_in) == 1 and any(
             isinstance(v, jcore.Var) and v in outs for v in eqn.invars
         ):
             k, o = params_in[0]
@@ -297,7 +312,7 @@ def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]
             use(o.leaf, _Use("bias", here, eqn, k, bidx.reshape((-1,) + feat.shape) if o.lead else bidx, feat, lp,
                              o.loops))
         else:
-            why = f"used inside {name}" if name in ("while", "cond") else f"unknown use: {name}"
+            why = f"used inside {name}" if prim in (P.while_p, P.cond_p) else f"unknown use: {name}"
             for _, o in params_in:
                 use(o.leaf, _Use(why))
 

@@ -82,7 +82,21 @@ class StepInfo:
         return sorted(self._fields)
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as arrays, sorted by name."""
         return {k: self._fields[k] for k in self.keys()}
+
+    def scalars(self) -> dict[str, Any]:
+        """The fields as Python numbers, for logging tools (one host transfer for all of them).
+
+        A single step gives ``{name: float | int | bool}``; the stacked info of `Optimizer.run` gives lists
+        with one entry per step.
+
+        >>> import jax.numpy as jnp
+        >>> StepInfo({"loss": jnp.float32(0.5), "skipped": jnp.bool_(False)}).scalars()
+        {'loss': 0.5, 'skipped': False}
+        """
+        values = jax.device_get(self.as_dict())
+        return {k: np.asarray(v).tolist() for k, v in values.items()}
 
     def __repr__(self) -> str:
         def fmt(v):
@@ -122,6 +136,7 @@ class LoweredPlan:
                 where=f"plan {plan.name!r}",
                 fix="end the composition with an update transform, e.g. `cp.modules.UpdateTail(learning_rate=1.0)`",
             )
+        self._check_objective()
         self.info_schema = self._info_schema()
         window = plan.prefix + plan.period
         self.phase_table = np.asarray(plan.table, dtype=np.int32)
@@ -132,6 +147,29 @@ class LoweredPlan:
         self.guard_override: dict[str, bool] | None = None
         """For cost analysis of the unplanned baseline: module -> take (True) / skip (False) its guard
         statically instead of ``lax.cond`` (XLA's cost analysis counts a cond's costliest branch)."""
+
+    def _check_objective(self) -> None:
+        """A phase that evaluates the model (any provider op) needs one: refuse at construction, naming the
+        first module that reads a provider's output, instead of failing inside a traced step."""
+        if self.objective.given:
+            return
+        for ph in self.plan.phases:
+            provided = {x for op in ph.ops if op.role == "provider" for x in op.outputs}
+            if not provided:
+                continue
+            reader = next(((op.name, r.node) for op in ph.ops if op.role == "module" for r in op.reads
+                           if r.node in provided), None)
+            who, what = reader if reader else (ph.providers[0], next(iter(provided)))
+            given = ", ".join(x.name for x in self.plan.given) or "nothing"
+            raise LoweringError(
+                f"module `{who}` needs {what.name}, which only the model can provide (phase {ph.index} runs "
+                f"{', '.join(ph.providers)}), but no loss or model was given (given: {given})",
+                where=f"module `{who}`, quantity {what.name}",
+                fix="pass `loss_fn=f` with f(params, batch) -> scalar (or `model_fn=g, loss='mse'|'ce'`), "
+                    "and `batch=` to each update"
+                    + ("; a plan that needs only the gradient runs without one under `cp.as_optax(plan)`"
+                       if what.kind == "grad" else ""),
+            )
 
     def _all_outputs(self):
         for m in self.plan.modules:

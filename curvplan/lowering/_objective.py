@@ -38,7 +38,8 @@ class Objective:
     """The model and loss an optimizer differentiates.
 
     Give either a loss function (enough for gradient and Hessian methods) or a model function and a loss kind
-    (needed for Gauss-Newton methods, which linearize the model outputs):
+    (needed for Gauss-Newton methods, which linearize the model outputs). A plan that only transforms a given
+    gradient (`as_optax` with Muon, Shampoo, SOAP, ...) needs neither: ``Objective()``.
 
     - ``Objective(loss_fn=f)``: ``f(params, batch) -> scalar``.
     - ``Objective(model_fn=g, loss_kind="ce")``: ``g(params, inputs) -> outputs`` and ``batch = (inputs, targets)``;
@@ -56,12 +57,6 @@ class Objective:
     loss_kind: LossKind | None = None
 
     def __post_init__(self):
-        if self.loss_fn is None and self.model_fn is None:
-            raise LoweringError(
-                "no model given",
-                where="Objective / Optimizer / as_optax",
-                fix="pass `loss_fn=f` with f(params, batch) -> scalar, or `model_fn=g, loss='mse'|'ce'`",
-            )
         if self.model_fn is not None and self.loss_kind not in _LOSSES:
             raise LoweringError(
                 f"model_fn needs a loss kind, got loss={self.loss_kind!r}",
@@ -69,7 +64,15 @@ class Objective:
                 fix="pass `loss='mse'` or `loss='ce'`",
             )
 
+    @property
+    def given(self) -> bool:
+        """Whether a model was given (a plan that uses only the given gradient needs none)."""
+        return self.loss_fn is not None or self.model_fn is not None
+
     def loss(self, params: Any, batch: Any) -> jax.Array:
+        if not self.given:
+            raise LoweringError("no model given", where="Objective.loss",
+                                fix="pass `loss_fn=f` with f(params, batch) -> scalar, or `model_fn=g, loss='mse'|'ce'`")
         if self.loss_fn is not None:
             return self.loss_fn(params, batch)
         x, y = batch

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvplan.ir._errors import LoweringError
 from curvplan.modules.preconditioners._scao import scao_modules
 from curvplan.runtime._optax import as_optax
-
-
-def _gradient_only(params, batch):
-    raise LoweringError(
-        "curvplan.scao uses only the gradient given to `update`; nothing should evaluate the loss",
-        where="scao optax transformation",
-        fix="compose a loss-based method with `cp.as_optax(modules, loss_fn=...)` instead",
-    )
 
 
 def scao(
@@ -38,4 +29,4 @@ def scao(
     """
     mods = scao_modules(learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         precond_freq=precond_freq, **kwargs)
-    return as_optax(mods, loss_fn=_gradient_only)
+    return as_optax(mods)

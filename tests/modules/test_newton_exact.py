@@ -12,6 +12,7 @@ import curvplan
 from curvplan.ir import quantities as q
 from curvplan.modules import Context, HutchinsonDiag, LinearOperator, curv_op
 from curvplan.modules.estimators._hutchinson import rademacher_like
+from helpers import cg_iterations
 
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
@@ -36,9 +37,9 @@ def test_newton_step_solves_quadratic_exactly(cond):
         A_, b_ = batch
         return 0.5 * x @ A_ @ x - b_ @ x
 
-    # CG in float64 needs a few steps beyond n for κ = 1e2 before the 1e-12 relative residual is met
-    # (loss of orthogonality); the brief's maxiter = n is kept for κ = 10 and doubled for κ = 1e2.
-    maxiter = n if cond <= 10 else 2 * n
+    # CG in floating point can need more than n steps for a 1e-12 relative residual (loss of orthogonality):
+    # give it the iterations the condition-number bound asks for, never a count at the edge of rounding.
+    maxiter = cg_iterations(np.linalg.cond(A), 1e-12)
     opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, tol=1e-12, maxiter=maxiter), loss_fn=loss_fn)
     x0 = jnp.zeros(n)
     state = opt.init(x0)
@@ -74,7 +75,8 @@ def test_newton_step_on_pytree_params_block_diagonal_quadratic():
         u, v = p["u"], p["v"]
         return 0.5 * (u @ A1_ @ u + v @ A2_ @ v) + u @ C_ @ v - b1_ @ u - b2_ @ v
 
-    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, tol=1e-12, maxiter=30), loss_fn=loss_fn)
+    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, tol=1e-12, maxiter=cg_iterations(
+        np.linalg.cond(M), 1e-12)), loss_fn=loss_fn)
     p0 = {"u": jnp.zeros(6), "v": jnp.zeros(4)}
     p1, _, info = opt.step(p0, opt.init(p0), tuple(jnp.asarray(a) for a in (A1, A2, C, b1, b2)))
     got = np.concatenate([np.asarray(p1["u"]), np.asarray(p1["v"])])
@@ -88,7 +90,8 @@ def test_gauss_newton_step_equals_lstsq():
     y = X @ rs.randn(8) + 0.3 * rs.randn(50)
     w_ref = np.linalg.lstsq(X, y, rcond=None)[0]
     opt = curvplan.Optimizer(
-        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, tol=1e-12, maxiter=3 * 8),
+        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, tol=1e-12,
+                                         maxiter=cg_iterations(np.linalg.cond(X.T @ X), 1e-12)),
         model_fn=lambda w, x: x @ w, loss="mse",
     )
     w0 = jnp.zeros(8)
@@ -111,7 +114,8 @@ def test_gauss_newton_vector_output_least_squares():
     X, Y = rs.randn(40, 5), rs.randn(40, 3)
     W_ref = np.linalg.lstsq(X, Y, rcond=None)[0]
     opt = curvplan.Optimizer(
-        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, tol=1e-12, maxiter=30),
+        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, tol=1e-12,
+                                         maxiter=cg_iterations(np.linalg.cond(X.T @ X), 1e-12)),
         model_fn=lambda W, x: x @ W, loss="mse",
     )
     W0 = jnp.zeros((5, 3))
@@ -211,7 +215,8 @@ def test_damped_newton_step_uses_exact_lambda_under_x64():
     A = 0.5 * (A + A.T)
     b = rs.randn(n)
     ref = np.linalg.solve(A + lam * np.eye(n), b)  # the damped system (A + λI) s = b, in float64
-    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=lam, tol=1e-13, maxiter=200),
+    maxiter = cg_iterations(np.linalg.cond(A + lam * np.eye(n)), 1e-13)
+    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=lam, tol=1e-13, maxiter=maxiter),
                              loss_fn=lambda x, bt: 0.5 * x @ bt[0] @ x - bt[1] @ x)
     x1, _, info = opt.step(jnp.zeros(n), opt.init(jnp.zeros(n)), (jnp.asarray(A), jnp.asarray(b)))
     assert bool(info.cg_converged)

@@ -9,6 +9,7 @@ import pytest
 import curvplan as cp
 from curvplan.ir import quantities as q
 from curvplan.lowering import ce_loss
+from helpers import never_loss
 
 
 def _mlp(params, x):
@@ -173,5 +174,29 @@ def test_lowering_errors_are_clear():
         params, batch = _problem()
         opt = cp.Optimizer(cp.presets.gauss_newton_cg(loss="ce"), loss_fn=_loss)
         opt.step(params, opt.init(params), batch)
-    with pytest.raises(cp.LoweringError, match="no model"):
+    with pytest.raises(cp.LoweringError, match="(?s)module `hessian` needs %hvp_op.hessian.*no loss or model"):
         cp.Optimizer(cp.presets.newton_cg())
+    # under as_optax the gradient is given, so the error names the module that needs more than it
+    with pytest.raises(cp.LoweringError, match="(?s)module `hessian` needs %hvp_op.hessian.*given: %grad"):
+        cp.as_optax(cp.compile_plan(cp.presets.newton_cg()))
+    with pytest.raises(cp.LoweringError, match="(?s)`muon_direction` needs %grad.*cp.as_optax"):
+        cp.Optimizer(cp.presets.muon())
+
+
+@pytest.mark.parametrize("preset", ["muon", "shampoo", "soap"])
+def test_gradient_only_plans_are_optax_transformations_without_a_loss(preset):
+    """`as_optax(plan)` with no loss: the phases need only the given gradient. The updates equal those of the
+    same plan given a loss it never calls (the gradient comes from `update`)."""
+    params = {"w": jnp.ones((4, 3)) * 0.1, "b": jnp.zeros(3)}
+    grads = [jax.tree.map(lambda x, i=i: jnp.sin(x + i + jnp.arange(x.size).reshape(x.shape)), params)
+             for i in range(4)]
+    plan = cp.compile_plan(getattr(cp.presets, preset)())
+    bare, with_loss = cp.as_optax(plan), cp.as_optax(plan, never_loss)
+    sa, sb = bare.init(params), with_loss.init(params)
+    for g in grads:
+        ua, sa = jax.jit(bare.update)(g, sa, params)
+        ub, sb = jax.jit(with_loss.update)(g, sb, params)
+        for a, b in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(sa.plan_state.step) == len(grads)
+    assert float(sa.info.update_norm) > 0

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Literal
 
 import optax
-from pydantic import ConfigDict, Field, field_serializer
+from pydantic import ConfigDict, Field
 
-from curvplan.ir import fresh
+from curvplan.ir import Hyperparameter, fresh
 from curvplan.ir import quantities as q
 from curvplan.modules._base import Module
 
@@ -16,7 +16,9 @@ class UpdateTail(Module):
     Built from optax: ``trace`` → ``clip_by_global_norm`` → ``add_decayed_weights`` → ``scale_by_learning_rate``.
 
     Args:
-        learning_rate: a float or an optax schedule ``step -> lr``.
+        learning_rate: a float, an optax schedule ``step -> lr``, or a scalar array (traced under
+            ``optax.inject_hyperparams``).
+        weight_decay: a float or a scalar array.
         source: which ``%direction.<source>`` to read (``newton``, ``diag``, ...).
 
     >>> from curvplan.modules import UpdateTail
@@ -27,18 +29,14 @@ class UpdateTail(Module):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     kind: Literal["update_tail"] = "update_tail"
-    learning_rate: float | Callable[[Any], Any] = 1.0
+    learning_rate: Hyperparameter(ge=0, schedule=True) = 1.0
     source: str = "newton"
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: Hyperparameter(ge=0) = 0.0
     clip_norm: float | None = Field(None, gt=0)
     cost = 0.0
     state_fields = ("opt_state",)
-
-    @field_serializer("learning_rate")
-    def _lr(self, lr):
-        return lr if isinstance(lr, (int, float)) else f"<schedule {getattr(lr, '__name__', type(lr).__name__)}>"
 
     def consumes(self):
         return (fresh(q.direction(self.source)), fresh(q.params()))
@@ -52,7 +50,7 @@ class UpdateTail(Module):
             parts.append(optax.trace(decay=self.momentum, nesterov=self.nesterov))
         if self.clip_norm is not None:
             parts.append(optax.clip_by_global_norm(self.clip_norm))
-        if self.weight_decay:
+        if not (isinstance(self.weight_decay, float) and self.weight_decay == 0.0):
             parts.append(optax.add_decayed_weights(self.weight_decay))
         parts.append(optax.scale_by_learning_rate(self.learning_rate))
         return optax.chain(*parts)
