@@ -167,6 +167,29 @@ def test_shared_jitted_layer_function_called_twice():
     assert report.layers["['w1']"].bias == "['b1']" and report.layers["['w2']"].bias is None and not report.skipped
 
 
+@pytest.mark.parametrize("wrap", ["checkpoint", "custom_jvp"])
+def test_layers_inside_checkpoint_and_custom_rules_are_found(wrap):
+    """A dense layer under `jax.checkpoint` (remat) or inside a `custom_jvp` function is a layer like any other."""
+    def dense(w, b, x):
+        return jnp.tanh(x @ w + b)
+
+    if wrap == "checkpoint":
+        block = jax.checkpoint(dense)
+    else:
+        block = jax.custom_jvp(dense)
+        block.defjvp(lambda primals, tangents: jax.jvp(dense, primals, tangents))
+
+    def loss(p, x):
+        return jnp.sum(block(p["w2"], p["b2"], block(p["w1"], p["b1"], x)) ** 2)
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w1": jax.random.normal(k1, (4, 3)), "b1": jnp.ones(3), "w2": jax.random.normal(k2, (3, 2)),
+              "b2": jnp.zeros(2)}
+    report = check_capture(loss, params, jnp.ones((5, 4)))
+    assert set(report.layers) == {"['w1']", "['w2']"} and not report.skipped
+    assert report.layers["['w1']"].bias == "['b1']"
+
+
 def test_scan_over_stacked_layers_and_loop_constants():
     """A weight scanned over is a stack of layers (one per slice, bias included); a loop constant (an RNN cell, a
     ``fori_loop`` body) is one layer whose rows are every iteration's rows; both match the unrolled model."""
