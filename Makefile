@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-newest bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
+.PHONY: demo test test-newest docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.bench: $(VENV)/.core
 
 $(VENV)/.examples: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[examples]"
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.core
+	$(BIN)/pip install -q -e ".[docs]"
 	touch $@
 
 # Graphviz draws plan pictures; without it curvplan falls back to matplotlib.
@@ -66,6 +70,10 @@ test-newest: graphviz
 	  $(NEWEST_VENV)/bin/python -m pytest tests curvplan; \
 	fi
 
+# The API reference (mkdocs + mkdocstrings) into build/site; strict: a docstring that does not parse fails.
+docs: $(VENV)/.docs
+	$(BIN)/mkdocs build --strict
+
 # Fashion-MNIST (workload W2) comes from the Debian package; without it W2 is skipped with a note.
 fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || { \
@@ -96,4 +104,4 @@ bench-planner: $(VENV)/.core
 	$(BIN)/python -m benchmarks.planner_speed
 
 clean:
-	rm -rf $(VENV) $(NEWEST_VENV) $(KFAC_VENV) .pytest_cache plan.svg plan.png
+	rm -rf $(VENV) $(NEWEST_VENV) $(KFAC_VENV) .pytest_cache build plan.svg plan.png

@@ -4,7 +4,7 @@ A two-layer causal transformer (d=64, 4 heads, context 64) predicts the next cha
 from the same initialisation on the same batches, with a jitted step you write yourself around
 `curvplan.as_optax`; the held-out loss is logged against wall-clock time and plotted.
 
-    python examples/char_lm.py                          # 400 steps each, writes examples/char_lm.png
+    python examples/char_lm.py                          # 400 steps each, writes docs/char_lm.png
     python examples/char_lm.py --steps 10 --plot ''     # a smoke run
 
 Wall-clock times are per-process and include nothing but the steps (the first, compiling step is excluded).
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--methods", default="adamw,muon,soap,adaptive_schatten")
-    ap.add_argument("--plot", default=str(ROOT / "examples" / "char_lm.png"), help="'' to skip the plot")
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "char_lm.png"), help="'' to skip the plot")
     args = ap.parse_args(argv)
 
     vocab, (xtr, ytr), (xte, yte) = load_text(args.context)

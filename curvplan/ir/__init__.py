@@ -11,6 +11,7 @@ from curvplan.ir._errors import (
     CycleError,
     DuplicateNameError,
     Error,
+    InputError,
     LoweringError,
     MissingProducerError,
     PeriodError,
@@ -26,7 +27,7 @@ from curvplan.ir._schedule import Op, Phase, Read
 __all__ = [
     "quantities", "Cadence", "EVERY_STEP", "describe_steps", "horizon", "PlanDiff", "diff_plans", "Error",
     "ConfigError", "PlanError", "MissingProducerError", "AmbiguousProducerError", "CycleError", "CadenceError",
-    "DuplicateNameError", "PeriodError", "PlanVerifyError", "LoweringError", "CheckpointError", "phase_graph",
+    "DuplicateNameError", "PeriodError", "PlanVerifyError", "LoweringError", "InputError", "CheckpointError", "phase_graph",
     "verify_phase", "MODULE_KINDS", "Hyperparameter", "Module", "Use", "carried", "fresh", "module_from_dict", "PROVIDERS",
     "ProviderRule", "register_provider", "Quantity", "Op", "Phase", "Read",
 ]

@@ -59,5 +59,10 @@ class LoweringError(Error):
     """A plan cannot be turned into JAX programs for the given model."""
 
 
+class InputError(Error, ValueError):
+    """What a step was given does not fit the model or the plan: the batch, the labels, the loss's output,
+    the parameters' dtypes, or an optimizer state built for something else."""
+
+
 class CheckpointError(Error):
     """A checkpoint cannot be restored into this optimizer."""

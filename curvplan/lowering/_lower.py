@@ -148,18 +148,27 @@ class LoweredPlan:
         """For cost analysis of the unplanned baseline: module -> take (True) / skip (False) its guard
         statically instead of ``lax.cond`` (XLA's cost analysis counts a cond's costliest branch)."""
 
-    def _check_objective(self) -> None:
-        """A phase that evaluates the model (any provider op) needs one: refuse at construction, naming the
-        first module that reads a provider's output, instead of failing inside a traced step."""
-        if self.objective.given:
-            return
+    def model_reader(self) -> tuple[Phase, str, Quantity] | None:
+        """(phase, module, quantity) of the first module that reads what only the model provides (a provider
+        op's output), or None when every phase uses only given quantities (a gradient-only plan)."""
         for ph in self.plan.phases:
             provided = {x for op in ph.ops if op.role == "provider" for x in op.outputs}
             if not provided:
                 continue
             reader = next(((op.name, r.node) for op in ph.ops if op.role == "module" for r in op.reads
                            if r.node in provided), None)
-            who, what = reader if reader else (ph.providers[0], next(iter(provided)))
+            who, what = reader if reader else (ph.providers[0], sorted(provided)[0])
+            return ph, who, what
+        return None
+
+    def _check_objective(self) -> None:
+        """A phase that evaluates the model (any provider op) needs one: refuse at construction, naming the
+        first module that reads a provider's output, instead of failing inside a traced step."""
+        if self.objective.given:
+            return
+        needs = self.model_reader()
+        if needs is not None:
+            ph, who, what = needs
             given = ", ".join(x.name for x in self.plan.given) or "nothing"
             raise LoweringError(
                 f"module `{who}` needs {what.name}, which only the model can provide (phase {ph.index} runs "

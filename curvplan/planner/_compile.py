@@ -115,6 +115,21 @@ def compile_plan(
 def _validate(modules: Sequence[Module]) -> list[Module]:
     if isinstance(modules, Module):
         modules = [modules]
+    if callable(modules) and not isinstance(modules, (list, tuple)):
+        name = getattr(modules, "__name__", type(modules).__name__)
+        raise PlanError(
+            f"`{name}` was passed uncalled: a preset is a function that returns the module list",
+            where=f"compile_plan({name})",
+            fix=f"call it: `{name}()` (with its settings, e.g. `{name}(learning_rate=...)`)",
+        )
+    try:
+        modules = list(modules)
+    except TypeError:
+        raise PlanError(
+            f"expected a list of curvplan modules, got a {type(modules).__name__}",
+            where="compile_plan(modules)",
+            fix="pass module instances, e.g. `cp.presets.newton_cg()` returns a list of them",
+        ) from None
     out = []
     seen: dict[str, Module] = {}
     for i, m in enumerate(modules):

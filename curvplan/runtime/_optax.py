@@ -11,6 +11,7 @@ from curvplan.ir._errors import LoweringError
 from curvplan.ir._module import Module
 from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
 from curvplan.planner import Plan, compile_plan
+from curvplan.runtime._checks import check_batch, check_params, check_state_matches, check_state_type
 
 
 class OptaxPlanState(NamedTuple):
@@ -45,10 +46,9 @@ def as_optax(
         >>> [float(x) for x in optax.apply_updates(w, updates)]
         [1.0, 1.0]
     """
-    modules = list(plan.modules) if isinstance(plan, Plan) else list(plan)
     base = plan if isinstance(plan, Plan) else None
     planned = compile_plan(
-        modules,
+        base.modules if base else plan,
         optimize=base.optimize if base else True,
         name=base.name if base else "plan",
         given=[q.grad()],
@@ -57,16 +57,23 @@ def as_optax(
     lowered = lower_plan(planned, Objective(loss_fn=loss_fn, model_fn=model_fn, loss_kind=loss))
 
     def init_fn(params):
+        check_params(lowered, params, "init(params)")
         return OptaxPlanState(lowered.init(params), lowered.empty_info())
 
     def update_fn(updates, state: OptaxPlanState, params=None, *, batch=None, rng=None, **extra):
         del extra
+        where = "update(updates, state, params, batch=...)"
+        check_state_type(state, OptaxPlanState, where, "pass the state from this transformation's `init(params)` "
+                         "(an `Optimizer` state belongs to `opt.step`)")
         if params is None:
             raise LoweringError(
                 "curvplan's optax transformation needs the parameters",
                 where="update(updates, state, params)",
                 fix="call `tx.update(grads, state, params, batch=batch)`",
             )
+        check_params(lowered, params, where)
+        check_state_matches(lowered, params, state.plan_state, where)
+        check_batch(lowered, params, batch, where)
         new_updates, plan_state, info = lowered.switch(params, state.plan_state, batch, rng, {q.grad(): updates})
         return new_updates, OptaxPlanState(plan_state, info)
 

@@ -9,7 +9,8 @@ import optax
 
 from curvplan.ir._module import Module
 from curvplan.lowering import LoweredPlan, Objective, PlanState, StepInfo, lower_plan
-from curvplan.planner import Plan, compile_plan
+from curvplan.planner import Plan
+from curvplan.runtime._checks import as_plan, check_batch, check_params, check_state_matches, check_state_type
 
 
 def _objective(loss_fn, model_fn, loss) -> Objective:
@@ -46,7 +47,7 @@ class Optimizer:
         model_fn: Callable | None = None,
         loss: str | None = None,
     ):
-        self.plan = plan if isinstance(plan, Plan) else compile_plan(list(plan))
+        self.plan = as_plan(plan)
         self.lowered: LoweredPlan = lower_plan(self.plan, _objective(loss_fn, model_fn, loss))
         self.trace_counts = [0] * len(self.plan.phases)
         self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.phase_fns)]
@@ -56,18 +57,27 @@ class Optimizer:
     def _counted(self, i: int, f: Callable) -> Callable:
         def step(params, state, batch, rng):
             self.trace_counts[i] += 1
+            self._check(params, state, batch, "Optimizer.step(params, state, batch)")
             updates, state, info = f(params, state, batch, rng, {})
             return optax.apply_updates(params, updates), state, info
 
         step.__name__ = f"curvplan_phase_{i}"
         return step
 
+    def _check(self, params, state, batch, where: str) -> None:
+        check_params(self.lowered, params, where)
+        check_state_matches(self.lowered, params, state, where)
+        check_batch(self.lowered, params, batch, where)
+
     def init(self, params: Any, rng: jax.Array | None = None) -> PlanState:
         """The optimizer state for ``params``."""
+        check_params(self.lowered, params, "Optimizer.init(params)")
         return self.lowered.init(params, rng)
 
     def step(self, params, state: PlanState, batch, rng: jax.Array | None = None) -> tuple[Any, PlanState, StepInfo]:
         """One step: returns ``(new_params, new_state, info)``."""
+        check_state_type(state, PlanState, "Optimizer.step(params, state, batch)",
+                         "pass the state from `opt.init(params)` (an `as_optax` state belongs to `tx.update`)")
         known = self._last_step
         t = known[1] if known is not None and state.step is known[0] else int(state.step)
         params, state, info = self._jitted[self.plan.phase_of(t)](params, state, batch, rng)
@@ -75,6 +85,9 @@ class Optimizer:
         return params, state, info
 
     def _run_impl(self, params, state, batches, rng):
+        first = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), batches)
+        self._check(params, state, first, "Optimizer.run(params, state, batches)")
+
         def body(carry, batch):
             params, state = carry
             updates, state, info = self.lowered.switch(params, state, batch, rng)
@@ -86,8 +99,11 @@ class Optimizer:
     def run(self, params, state: PlanState, batches, rng: jax.Array | None = None):
         """Many steps in one compiled program: ``batches`` is stacked on a leading axis (one row per step).
 
-        Returns ``(params, state, infos)`` with ``infos`` stacked over steps.
+        Returns ``(params, state, infos)`` with ``infos`` stacked over steps (``infos.loss[t]`` is step t's
+        loss; ``infos.scalars()`` gives lists for a logger).
         """
+        check_state_type(state, PlanState, "Optimizer.run(params, state, batches)",
+                         "pass the state from `opt.init(params)`")
         return self._scan(params, state, batches, rng)
 
     def __repr__(self) -> str:

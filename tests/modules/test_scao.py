@@ -201,7 +201,7 @@ def test_preconditioned_gradient_matches_dense_reference(x64, clip):
     lo, hi = rank_bounds(20, 12, k_min, k_max)
     r = min(min(max(rank_by_definition(sl, eps_sparse), lo), hi), min(max(rank_by_definition(sr, eps_sparse), lo), hi))
     r = min(max(r, lo - 1), lo + 4)
-    assert int(rank_state["w"][0]) == r and lo < r < hi
+    assert int(rank_state[1][0]) == r and lo < r < hi  # per-leaf state in leaf order: ("b", "w")
     Ul, Ur, al, ar = Vl[:, :r], Vr[:, :r], sl[:r], sr[:r]
     P = Ul.T @ G["w"] @ Ur
     want = G["w"] + Ul @ ((np.outer(al**-0.25, ar**-0.25) - 1) * P) @ Ur.T

@@ -197,17 +197,17 @@ def test_second_moment_follows_the_basis_permutation(x64):
     soap_m = Soap(gram=gram.spec, b2=0.5)
     ctx = Context(jnp.zeros((), jnp.int32), None, params, None, None, "soap")
     v0 = jnp.arange(9.0).reshape(3, 3) + 1
-    state = soap_m.init(params, ctx)._replace(v={"w": (v0,)})
+    state = soap_m.init(params, ctx)._replace(v=((v0,),))  # one entry per leaf
     perm_l, perm_r = jnp.array([2, 0, 1]), jnp.array([1, 2, 0])
-    basis = Eigbasis({"w": ((Eigen(jnp.eye(3), jnp.ones(3), perm_l), Eigen(jnp.eye(3), jnp.ones(3), perm_r)),)},
+    basis = Eigbasis((((Eigen(jnp.eye(3), jnp.ones(3), perm_l), Eigen(jnp.eye(3), jnp.ones(3), perm_r)),),),
                      jnp.ones((), jnp.int32))
     g = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3)))
     _, new = soap_m.apply({q.grad(): {"w": g}, soap_m.consumes()[1].quantity: basis}, state, ctx)
     want = 0.5 * np.asarray(v0)[np.ix_(np.asarray(perm_l), np.asarray(perm_r))] + 0.5 * np.asarray(g) ** 2
-    np.testing.assert_allclose(new.v["w"][0], want)
+    np.testing.assert_allclose(new.v[0][0], want)
     # the same basis again (count unchanged): no second permutation
     _, newer = soap_m.apply({q.grad(): {"w": g}, soap_m.consumes()[1].quantity: basis}, new, ctx)
-    np.testing.assert_allclose(newer.v["w"][0], 0.5 * want + 0.5 * np.asarray(g) ** 2)
+    np.testing.assert_allclose(newer.v[0][0], 0.5 * want + 0.5 * np.asarray(g) ** 2)
 
 
 def test_rotate_and_keep_variants_agree_with_power_qr_refreshes(x64):

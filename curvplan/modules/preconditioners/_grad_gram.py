@@ -95,6 +95,17 @@ def layout_report(params, spec: Spec) -> dict[str, str]:
     return out
 
 
+def per_leaf(fn, tree) -> tuple:
+    """``fn`` of every leaf of ``tree``, as a flat tuple in leaf order.
+
+    State kept per parameter leaf that is itself a container (a tuple of blocks, each a pair of factors) lives
+    in such a tuple, never inside the parameters' own pytree: frameworks rebuild what sits inside their nodes
+    (flax nnx turns a tuple held by a ``Param`` into a ``State`` dict on the next update), so a state shaped
+    like ``params`` would not survive their round trip. Consumers zip it with ``jax.tree.leaves(grads)``.
+    """
+    return tuple(fn(x) for x in jax.tree.leaves(tree))
+
+
 def count_fallback(params, spec: Spec) -> int:
     return sum(v == "diagonal" for v in layout_report(params, spec).values())
 
@@ -109,8 +120,8 @@ class GramFactors(NamedTuple):
     """Value of ``%kron.grad_gram``.
 
     Attributes:
-        factors: shaped like params; each leaf holds a tuple of ``(L, R)`` per block, or (fallback leaves) the
-            diagonal statistic Σ g² (same shape as the leaf).
+        factors: one entry per parameter leaf (in leaf order, see `per_leaf`): a tuple of ``(L, R)`` per
+            block, or (fallback leaves) the diagonal statistic Σ g² (same shape as the leaf).
         count: number of updates so far (for bias corrections: ``1 - beta**count``).
     """
 
@@ -161,7 +172,7 @@ class GradGram(Module):
             return tuple((self.init_scale * jnp.eye(r1 - r0, dtype=dt), self.init_scale * jnp.eye(c1 - c0, dtype=dt))
                          for r0, r1, c0, c1 in lay)
 
-        return GramFactors(jax.tree.map(leaf, params), jnp.zeros((), jnp.int32))
+        return GramFactors(per_leaf(leaf, params), jnp.zeros((), jnp.int32))
 
     def apply(self, inputs, state, ctx):
         b = self.beta
@@ -177,7 +188,8 @@ class GradGram(Module):
             return tuple((mix(L, symmetrize(mm(gb, gb.T))), mix(R, symmetrize(mm(gb.T, gb))))
                          for gb, (L, R) in zip(blocks_of(g, lay), fac))
 
-        new = GramFactors(jax.tree.map(leaf, inputs[q.grad()], state.factors), state.count + 1)
+        new = GramFactors(tuple(leaf(g, f) for g, f in zip(jax.tree.leaves(inputs[q.grad()]), state.factors)),
+                          state.count + 1)
         return {self.outputs()[0]: new}, new
 
 
@@ -193,8 +205,8 @@ class Eigen(NamedTuple):
 
 
 class Eigbasis(NamedTuple):
-    """Value of ``%eigbasis.grad_gram``: ``bases`` shaped like params (a tuple of ``(Eigen_L, Eigen_R)`` per
-    block, ``()`` for fallback leaves) and ``count``, the number of refreshes (0: never refreshed, identity)."""
+    """Value of ``%eigbasis.grad_gram``: ``bases``, one entry per parameter leaf (`per_leaf`): a tuple of
+    ``(Eigen_L, Eigen_R)`` per block, ``()`` for fallback leaves; and ``count``, the number of refreshes (0: never refreshed, identity)."""
 
     bases: Any
     count: jax.Array
@@ -274,7 +286,7 @@ class GramEigbasis(GramConsumer):
             return () if lay is None else tuple(
                 (_identity_eigen(r1 - r0, dt), _identity_eigen(c1 - c0, dt)) for r0, r1, c0, c1 in lay)
 
-        return Eigbasis(jax.tree.map(leaf, params), jnp.zeros((), jnp.int32))
+        return Eigbasis(per_leaf(leaf, params), jnp.zeros((), jnp.int32))
 
     def apply(self, inputs, state, ctx):
         gram: GramFactors = inputs[grad_gram(self.gram)]
@@ -293,13 +305,11 @@ class GramEigbasis(GramConsumer):
             failed.append(~ok)
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
-        treedef = jax.tree.structure(ctx.params)
-        facs, olds = treedef.flatten_up_to(gram.factors), treedef.flatten_up_to(prev.bases)
-        bases = treedef.unflatten([
+        bases = tuple(
             () if not isinstance(fac, tuple)
             else tuple((refresh(L, eL), refresh(R, eR)) for (L, R), (eL, eR) in zip(fac, old))
-            for fac, old in zip(facs, olds)
-        ])
+            for fac, old in zip(gram.factors, prev.bases)
+        )
         n_failed = sum(f.astype(jnp.int32) for f in failed) if failed else jnp.zeros((), jnp.int32)
         state = GramEigbasisState(state.failures + n_failed)
         ctx.report("eig_failures", state.failures)

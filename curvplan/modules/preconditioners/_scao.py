@@ -30,6 +30,7 @@ from curvplan.modules.preconditioners._grad_gram import (
     GradGram,
     GramConsumer,
     GramEigbasis,
+    per_leaf,
     GramFactors,
     Spec,
     assemble,
@@ -123,7 +124,7 @@ class ScaoSpectrum(GramConsumer):
             lay = spec_layout(self.gram, p.shape)
             return () if lay is None else tuple(jnp.asarray(lo, jnp.int32) for lo, _ in self._bounds(lay))
 
-        return jax.tree.map(leaf, params)
+        return per_leaf(leaf, params)
 
     def init_carried(self, qv, params, ctx):
         def leaf(p):
@@ -133,14 +134,13 @@ class ScaoSpectrum(GramConsumer):
             return tuple(SpectrumBlock(jnp.ones(hi, stat_dtype(p)), jnp.ones(hi, stat_dtype(p)),
                                        jnp.asarray(lo, jnp.int32)) for lo, hi in self._bounds(lay))
 
-        return jax.tree.map(leaf, params)
+        return per_leaf(leaf, params)
 
     def apply(self, inputs, state, ctx):
         gram: GramFactors = inputs[grad_gram(self.gram)]
         basis: Eigbasis = inputs[self._basis()]
-        treedef = jax.tree.structure(ctx.params)
-        params = treedef.flatten_up_to(ctx.params)
-        facs, bases, ranks = (treedef.flatten_up_to(x) for x in (gram.factors, basis.bases, state))
+        params = jax.tree.leaves(ctx.params)
+        facs, bases, ranks = gram.factors, basis.bases, state
         beta = dict(self.gram)["beta"]
         out, new_ranks, all_ranks = [], [], []
         for p, fac, blocks, rk in zip(params, facs, bases, ranks):
@@ -163,7 +163,7 @@ class ScaoSpectrum(GramConsumer):
             out.append(tuple(leaf_out)), new_ranks.append(tuple(leaf_ranks))
         if all_ranks:
             ctx.report("scao_mean_rank", jnp.mean(jnp.stack(all_ranks).astype(jnp.float32)))
-        return {scao_spectrum(self.gram): treedef.unflatten(out)}, treedef.unflatten(new_ranks)
+        return {scao_spectrum(self.gram): tuple(out)}, tuple(new_ranks)
 
 
 class ScaoPrecondition(GramConsumer):
@@ -189,8 +189,8 @@ class ScaoPrecondition(GramConsumer):
     def apply(self, inputs, state, ctx):
         grads = inputs[q.grad()]
         leaves, treedef = jax.tree.flatten(grads)
-        bases = treedef.flatten_up_to(inputs[self._basis()].bases)
-        specs = treedef.flatten_up_to(inputs[scao_spectrum(self.gram)])
+        bases = inputs[self._basis()].bases
+        specs = inputs[scao_spectrum(self.gram)]
         out = []
         for g, blocks, sp in zip(leaves, bases, specs):
             g32 = g.astype(stat_dtype(g))

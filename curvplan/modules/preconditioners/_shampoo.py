@@ -29,6 +29,7 @@ from curvplan.modules.preconditioners._grad_gram import (
     assemble,
     blocks_of,
     count_fallback,
+    per_leaf,
     spec_layout,
     mm,
     stat_dtype,
@@ -51,6 +52,9 @@ def inverse_root(e: Eigen, exponent: float = 4.0, epsilon: float = 1e-6, epsilon
 
 
 class ShampooState(NamedTuple):
+    """``roots`` (per block ``(L̃^(-1/e), R̃^(-1/e))``) and ``graft`` (the grafting accumulator) hold one entry per
+    parameter leaf, in leaf order (`per_leaf`)."""
+
     roots: Any
     seen: jax.Array
     failures: jax.Array
@@ -100,10 +104,10 @@ class Shampoo(GramConsumer):
             return () if lay is None else tuple(
                 (jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay)
 
-        graft = jax.tree.map(lambda p: jnp.zeros(p.shape, stat_dtype(p)), params) if self.graft in (
+        graft = per_leaf(lambda p: jnp.zeros(p.shape, stat_dtype(p)), params) if self.graft in (
             "adagrad", "adam") else ()
         zero = jnp.zeros((), jnp.int32)
-        return ShampooState(jax.tree.map(roots, params), zero, zero, graft, zero)
+        return ShampooState(per_leaf(roots, params), zero, zero, graft, zero)
 
     def _graft_dir(self, g, acc, count):
         if self.graft in ("none", "sgd"):
@@ -119,7 +123,7 @@ class Shampoo(GramConsumer):
         grads = inputs[q.grad()]
         basis: Eigbasis = inputs[self._basis()]
         leaves, treedef = jax.tree.flatten(grads)
-        old_roots, bases = treedef.flatten_up_to(state.roots), treedef.flatten_up_to(basis.bases)
+        old_roots, bases = state.roots, basis.bases
 
         def fresh_roots():
             out, fails = [], jnp.zeros((), jnp.int32)
@@ -132,13 +136,13 @@ class Shampoo(GramConsumer):
                     fails = fails + (~ok).astype(jnp.int32)
                     new.append((jnp.where(ok, nl, rl), jnp.where(ok, nr, rr)))
                 out.append(tuple(new))
-            return out, fails
+            return tuple(out), fails
 
         roots, nfail = jax.lax.cond(basis.count != state.seen, fresh_roots,
                                     lambda: (old_roots, jnp.zeros((), jnp.int32)))
         count = state.count + 1
         have_root = basis.count > 0
-        accs = treedef.flatten_up_to(state.graft) if self.graft in ("adagrad", "adam") else [None] * len(leaves)
+        accs = state.graft if self.graft in ("adagrad", "adam") else [None] * len(leaves)
         dirs, new_accs = [], []
         for g, r, acc in zip(leaves, roots, accs):
             g32 = g.astype(stat_dtype(g))
@@ -155,11 +159,11 @@ class Shampoo(GramConsumer):
                     p = p * (jnp.linalg.norm(db) / jnp.maximum(jnp.linalg.norm(p), 1e-30))
                 pb.append(p)
             dirs.append(jnp.where(have_root, assemble(pb, lay, g.shape), d).astype(g.dtype))
-        graft = treedef.unflatten(new_accs) if self.graft in ("adagrad", "adam") else ()
+        graft = tuple(new_accs) if self.graft in ("adagrad", "adam") else ()
         failures = state.failures + nfail
         ctx.report("shampoo_root_failures", failures)
         ctx.report("shampoo_fallback_leaves", count_fallback(grads, self.gram))
-        new = ShampooState(treedef.unflatten(roots), basis.count, failures, graft, count)
+        new = ShampooState(tuple(roots), basis.count, failures, graft, count)
         return {q.direction("shampoo"): treedef.unflatten(dirs)}, new
 
 

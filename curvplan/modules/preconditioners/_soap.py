@@ -34,6 +34,9 @@ from curvplan.modules.transforms import UpdateTail
 
 
 class SoapState(NamedTuple):
+    """``m``, ``v`` (moments, per block in the eigenbasis, or the leaf's own for fallback leaves) and ``used``
+    (the bases the moments are expressed in) hold one entry per parameter leaf, in leaf order (`per_leaf`)."""
+
     m: Any
     v: Any
     used: Any
@@ -92,14 +95,13 @@ class Soap(GramConsumer):
             used.append(tuple((jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay)
                         if self.moments == "rotate" else ())
         zero = jnp.zeros((), jnp.int32)
-        return SoapState(treedef.unflatten(ms), treedef.unflatten(vs), treedef.unflatten(used), zero, zero)
+        return SoapState(tuple(ms), tuple(vs), tuple(used), zero, zero)
 
     def apply(self, inputs, state: SoapState, ctx):
         grads = inputs[q.grad()]
         basis: Eigbasis = inputs[self._basis()]
         leaves, treedef = jax.tree.flatten(grads)
-        ms, vs = treedef.flatten_up_to(state.m), treedef.flatten_up_to(state.v)
-        useds, bases = treedef.flatten_up_to(state.used), treedef.flatten_up_to(basis.bases)
+        ms, vs, useds, bases = state.m, state.v, state.used, basis.bases
         changed = basis.count != state.seen
         b1, b2, eps = self.b1, self.b2, self.eps
         count = state.count + 1
@@ -144,7 +146,7 @@ class Soap(GramConsumer):
             else:
                 new_m.append(m), new_used.append(())
         direction = treedef.unflatten([d.astype(g.dtype) for d, g in zip(out, leaves)])
-        new = SoapState(treedef.unflatten(new_m), treedef.unflatten(new_v), treedef.unflatten(new_used),
+        new = SoapState(tuple(new_m), tuple(new_v), tuple(new_used),
                         basis.count, count)
         return {q.direction("soap"): direction}, new
 
