@@ -54,3 +54,37 @@ def test_flax_nnx_optimizer_keeps_curvplan_state_intact(preset):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
                  got, plain)
     assert int(state.plan_state.step) == 5
+
+
+def test_equinox_kfac_names_the_layout_fix_and_covers_every_layer_with_it():
+    """eqx.nn.Linear weights are (out, in): with the default allocation K-FAC warns once, naming the leaves and
+    ``out_axis=0``; with it, every matrix is covered (no fallback leaf) and training takes the K-FAC steps."""
+    import equinox as eqx
+
+    from curvplan.modules.preconditioners._kfac import FallbackWarning
+
+    model = eqx.nn.MLP(4, 3, width_size=8, depth=2, activation=jnp.tanh, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    x, y = jax.random.normal(jax.random.key(1), (16, 4)), jnp.arange(16) % 3
+
+    def model_fn(p, xs):
+        return jax.vmap(eqx.combine(p, static))(xs)
+
+    def run(**kw):
+        tx = cp.as_optax(cp.presets.kfac(**kw), model_fn=model_fn, loss="ce")
+        p, s = params, tx.init(params)
+        for _ in range(3):
+            g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(model_fn(p, x), y).mean())(p)
+            u, s = tx.update(g, s, p, batch=(x, y))
+            p = eqx.apply_updates(p, u)
+        return s.info
+
+    with pytest.warns(FallbackWarning, match=r"leaves 2 to its fallback.*layers\[0\]\.weight.*pass out_axis=0"):
+        info = run()
+    assert int(info.kfac_layers) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        info = run(out_axis=0)
+    assert int(info.kfac_layers) == 3 and int(info.kfac_fallback_leaves) == 0

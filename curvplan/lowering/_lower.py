@@ -108,6 +108,26 @@ class StepInfo:
         return "StepInfo(" + ", ".join(f"{k}={fmt(v)}" for k, v in self.as_dict().items()) + ")"
 
 
+def state_dtype(dtype) -> Any:
+    """The dtype curvplan stores a floating state entry in: the entry's own, widened to at least float32.
+
+    One rule for every module: statistics, moments, factors, bases and carried directions of bfloat16 / float16
+    parameters are kept in float32 (float64 stays float64 under x64); integer counters and keys are untouched.
+    Lowering applies it to what ``init`` returns and casts each new state back to it, so a module cannot drift
+    into the parameters' precision. Updates leave in the parameters' dtype (``optax.apply_updates`` casts).
+    """
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _widen(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(state_dtype(x.dtype)) if hasattr(x, "dtype") else x, tree)
+
+
+def _like(new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: n.astype(o.dtype) if hasattr(o, "dtype") and hasattr(n, "astype") else n,
+                        new, old)
+
+
 def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array | None:
     if rng is None:
         return None
@@ -215,7 +235,7 @@ class LoweredPlan:
                 raise LoweringError(f"carried {qv.name} has no module that writes it", where=f"slot {qv.name}")
             m = self.modules[op.name]
             slots[self.plan.names[qv]] = m.init_carried(qv, params, self._ctx(op.name, step, rng, params, None))
-        return PlanState(step, mods, slots, jnp.zeros((), jnp.int32))
+        return PlanState(step, _widen(mods), _widen(slots), jnp.zeros((), jnp.int32))
 
     def _ctx(self, label, step, rng, params, batch) -> Context:
         return Context(step, _module_rng(rng, label, step), params, batch, self.objective, label)
@@ -246,12 +266,12 @@ class LoweredPlan:
                 if "rng" in [r.node.kind for r in op.reads]:
                     inputs[next(r.quantity for r in op.reads if r.node.kind == "rng")] = ctx.rng
                 outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, state.slots, state.step)
-                mods[op.name] = new_state
+                mods[op.name] = _like(new_state, mods[op.name])
                 infos[op.name] = info
                 for qv in op.outputs:
                     env[qv] = outs[qv]
                 for w in op.writes:
-                    slots[plan.names[w]] = outs[w]
+                    slots[plan.names[w]] = _like(outs[w], state.slots[plan.names[w]])
             updates = env[self.update_q]
             finite = tree_all_finite(updates)
             new = PlanState(state.step + 1, mods, slots, state.skipped)

@@ -89,9 +89,19 @@ def _value_and_grad(obj: Objective, params, batch, rng):
     return {q.loss(): loss, q.grad(): g}
 
 
+def _in_dtypes_of(like, f: Callable) -> Callable:
+    """``f`` (a linearized map) taking tangents in the dtypes of ``like`` (the primals: bf16 parameters give
+    bf16 tangents), and returning its results in the dtypes of the tangents it was handed (the solver's, float32
+    or wider), so curvature products accumulate in the solver's precision."""
+    def mv(v):
+        out = f(jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), v, like))
+        return jax.tree.map(lambda o, t: o.astype(t.dtype), out, v)
+    return mv
+
+
 def _linearize_grad(obj: Objective, params, batch, rng):
     (loss, g), f_jvp = jax.linearize(lambda p: jax.value_and_grad(obj.loss)(p, batch), params)
-    op = LinearOperator(lambda v: f_jvp(v)[1], "hessian")
+    op = LinearOperator(_in_dtypes_of(params, lambda v: f_jvp(v)[1]), "hessian")
     return {q.loss(): loss, q.grad(): g, q.hvp_op("hessian"): op}
 
 
@@ -124,9 +134,9 @@ def _linearize_model(obj: Objective, params, batch, rng):
         return out
 
     if obj.loss_kind == "mse":
-        vals[q.ggn_op("mse")] = LinearOperator(ggn_mse, "ggn_mse")
+        vals[q.ggn_op("mse")] = LinearOperator(_in_dtypes_of(params, ggn_mse), "ggn_mse")
     else:
-        vals[q.ggn_op("ce")] = LinearOperator(ggn_ce, "ggn_ce")
+        vals[q.ggn_op("ce")] = LinearOperator(_in_dtypes_of(params, ggn_ce), "ggn_ce")
     vjp = lambda u: f_vjp(u)[0]  # noqa: E731
     lin = ModelLinearization(outputs, y, f_jvp, vjp, obj.loss_kind, r * n)
     vals[q.quantity("model_lin")] = lin

@@ -44,7 +44,15 @@ def symmetrize(a: jax.Array) -> jax.Array:
 
 def _one_at_a_time(fn: Callable, a: jax.Array, *rest: jax.Array):
     """``fn`` over the leading batch axes of ``a`` (and of ``rest``, which share them), one matrix per call when
-    a batched LAPACK call could deadlock here; otherwise ``fn`` on the whole batch."""
+    a batched LAPACK call could deadlock here; otherwise ``fn`` on the whole batch.
+
+    Half-precision inputs (bfloat16, float16), which the LAPACK and cuSOLVER kernels do not take, are factorized
+    in float32 and the results cast back."""
+    low = a.dtype in (jnp.bfloat16, jnp.float16)
+    if low:
+        out = _one_at_a_time(fn, a.astype(jnp.float32), *(x.astype(jnp.float32) for x in rest))
+        return jax.tree_util.tree_map(lambda y: y.astype(a.dtype) if jnp.issubdtype(y.dtype, jnp.floating) else y,
+                                      out)
     lead = a.shape[:-2]
     if not lead or not _BATCHED_LAPACK_CAN_DEADLOCK or jax.default_backend() != "cpu":
         return fn(a, *rest)

@@ -42,7 +42,16 @@ def check_state_type(state: Any, expected: type, where: str, fix: str) -> None:
 
 
 def check_params(lowered: LoweredPlan, params: Any, where: str) -> None:
-    """Parameters the model is differentiated in must be floating point; name the leaves that are not."""
+    """Parameters are arrays (or numbers), and floating point where the model is differentiated in them; name
+    the leaves that are not."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    odd = [f"{_key(p)}: {type(x).__name__}" for p, x in leaves
+           if not (hasattr(x, "dtype") and hasattr(x, "shape")) and not isinstance(x, (int, float, complex))]
+    if odd:
+        raise InputError(
+            f"parameters must be arrays; {len(odd)} leaves are not: {', '.join(odd[:5])}", where=where,
+            fix="pass only the arrays: equinox `params, static = eqx.partition(model, eqx.is_inexact_array)` and "
+                "`eqx.combine(params, static)` inside the loss; flax nnx `nnx.split(model, nnx.Param)`")
     if lowered.model_reader() is None:
         return
     bad = [f"{_key(p)}: {jnp.result_type(x)}" for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -83,12 +92,22 @@ def check_batch(lowered: LoweredPlan, params: Any, batch: Any, where: str) -> No
     if needs is None:
         return
     _, module, quantity = needs
-    if batch is None:
-        raise InputError(
-            f"module `{module}` needs {quantity.name}, which is computed from the model on the batch, but the step "
-            f"got no batch", where=where,
-            fix="pass the batch: `tx.update(grads, state, params, batch=batch)` / `opt.step(params, state, batch)`")
     obj = lowered.objective
+    no_batch = InputError(
+        f"module `{module}` needs {quantity.name}, which is computed from the model on the batch, but the step "
+        f"got no batch", where=where,
+        fix="pass the batch: `tx.update(grads, state, params, batch=batch)` / `opt.step(params, state, batch)`")
+    if batch is None and obj.model_fn is not None:
+        raise no_batch
+    if batch is None:  # a loss that needs no data is fine; one that fails without it was not given its batch
+        try:
+            out = jax.eval_shape(obj.loss_fn, spec(params), None)
+        except Error:
+            raise
+        except Exception as e:
+            raise no_batch from e
+        _check_scalar(out)
+        return
     if obj.model_fn is not None:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise InputError(f"with model_fn the batch is (inputs, targets), got a {type(batch).__name__}",
@@ -98,12 +117,15 @@ def check_batch(lowered: LoweredPlan, params: Any, batch: Any, where: str) -> No
                      fix="model_fn takes (params, inputs), in that order, and returns the outputs")
         _check_targets(obj.loss_kind, out, y, where)
     else:
-        out = _trace(obj.loss_fn, params, batch, what="loss_fn(params, batch)",
-                     fix="loss_fn takes (params, batch), in that order, and returns a scalar")
-        if not hasattr(out, "shape") or tuple(out.shape) != ():
-            raise InputError(
-                f"loss_fn returned {_describe(out)}, not a scalar", where="loss_fn(params, batch)",
-                fix="return the mean (or sum) over the batch, e.g. `jnp.mean(per_example_losses)`")
+        _check_scalar(_trace(obj.loss_fn, params, batch, what="loss_fn(params, batch)",
+                             fix="loss_fn takes (params, batch), in that order, and returns a scalar"))
+
+
+def _check_scalar(out) -> None:
+    if not hasattr(out, "shape") or tuple(out.shape) != ():
+        raise InputError(
+            f"loss_fn returned {_describe(out)}, not a scalar", where="loss_fn(params, batch)",
+            fix="return the mean (or sum) over the batch, e.g. `jnp.mean(per_example_losses)`")
 
 
 def _trace(fn, params, arg, *, what: str, fix: str):

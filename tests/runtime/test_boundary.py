@@ -84,6 +84,15 @@ def test_integer_leaves_in_params(data):
         opt.init(bad)
 
 
+def test_a_whole_equinox_model_as_params():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, width_size=8, depth=1, activation=jnp.tanh, key=jax.random.key(0))
+    tx = cp.as_optax(cp.presets.muon())
+    with raises(r"parameters must be arrays; 2 leaves are not: .activation: PjitFunction.*eqx.partition"):
+        tx.init(model)
+
+
 def test_state_of_another_plan(data):
     params, _, _ = data
     soap, shampoo = cp.as_optax(cp.presets.soap()), cp.as_optax(cp.presets.shampoo())

@@ -29,6 +29,7 @@ direction, computed batched over the stack.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -113,6 +114,35 @@ def _report(acts, module: str):
 def _covered(report, blocks) -> dict[str, Any]:
     """Discovered layers whose (stack, d_in, d_out) match the state blocks."""
     return {k: l for k, l in report.layers.items() if blocks.get(k) == (l.stack, l.d_in, l.d_out)}
+
+
+class FallbackWarning(UserWarning):
+    """A K-FAC plan leaves weight matrices to its fallback (said once per compiled program, with the reason)."""
+
+
+def _warn_uncovered(report, blocks, covered, out_axis: int, module: str) -> None:
+    """Names the matrix leaves K-FAC does not cover and why, at trace time (once per compiled program)."""
+    why = {}
+    for k, l in report.layers.items():
+        if k in covered or k not in blocks:
+            continue
+        s, i, o = blocks[k]
+        transposed = (l.stack, l.d_out, l.d_in) == (s, i, o)
+        why[k] = (f"used as a {l.d_in}x{l.d_out} (in, out) matrix, allocated with out_axis={out_axis}"
+                  + (f": pass out_axis={0 if out_axis == -1 else -1}" if transposed else ""))
+    for k, reason in report.skipped.items():
+        if k in blocks and not any(k == l.bias for l in report.layers.values()):
+            why[k] = reason
+    if why:
+        listed = "; ".join(f"{k} ({r})" for k, r in sorted(why.items()))
+        msg = (f"K-FAC module `{module}` covers {len(covered)} weight matrices and leaves {len(why)} to its "
+               f"fallback: {listed}")
+        if msg not in _WARNED:  # every phase program traces the direction: say it once
+            _WARNED.add(msg)
+            warnings.warn(msg, FallbackWarning, stacklevel=2)
+
+
+_WARNED: set[str] = set()
 
 
 def _check_stacked(params, stacked: tuple[str, ...], module: str) -> None:
@@ -342,7 +372,9 @@ class KFACDirection(Module):
         basis = inputs[self._basis()]
         gamma = inputs[q.lam()] if self.adaptive else self.damping
         report = _report(inputs[q.activations()], ctx.module)
-        layers = _covered(report, _blocks(g, self.out_axis, self.stacked))
+        blocks = _blocks(g, self.out_axis, self.stacked)
+        layers = _covered(report, blocks)
+        _warn_uncovered(report, blocks, layers, self.out_axis, ctx.module)
         v, count = state
         count = count + 1
         if self.fallback == "diagonal":
@@ -372,8 +404,9 @@ class KFACDirection(Module):
                 U = solve(QA[..., :n, :n], lA[..., :n], QG, lG, grad_m)
             solved[key] = jnp.where(ready, layer.from_matrix(U[..., : layer.d_in, :]), 0.0).astype(flat_g[key].dtype)
             if layer.bias:
-                b = jnp.zeros_like(flat_g[layer.bias]).reshape(-1).at[layer.bias_index].set(U[..., -1, :])
-                solved[layer.bias] = jnp.where(ready, b.reshape(flat_g[layer.bias].shape), 0.0)
+                b = jnp.zeros(flat_g[layer.bias].size, U.dtype).at[layer.bias_index].set(U[..., -1, :])
+                solved[layer.bias] = jnp.where(ready, b.reshape(flat_g[layer.bias].shape), 0.0).astype(
+                    flat_g[layer.bias].dtype)
         paths, treedef = jax.tree_util.tree_flatten_with_path(u)
         leaves = [solved.get(jax.tree_util.keystr(p), x) for p, x in paths]
         ctx.report("kfac_layers", len(layers))
@@ -417,6 +450,12 @@ def kfac(
     the gain ratio ρ of the applied update under the GGN quadratic model of ``loss`` (`GainRatio`, without the
     λ term) drives `TrustRegionDamping` from ``damping``, λ ×= ω on ρ > 3/4 and λ /= ω on ρ < 1/4 with
     ω = (19/20)^k. Those steps also linearize the model (one GGN-vector product and one extra forward).
+
+    ``out_axis`` says which axis of a weight leaf is the layer's output when the state is allocated (at
+    ``init``, before any batch is seen): ``-1`` for flax / plain ``x @ W`` / HWIO convolutions, ``0`` for equinox
+    and torch-style ``(out, in)`` weights (``eqx.nn.Linear``). Layers the allocation does not match fall back
+    to ``fallback``; a `FallbackWarning` names them (and says when ``out_axis`` is the fix), and
+    ``StepInfo.kfac_fallback_leaves`` counts them.
 
     >>> import curvplan as cp
     >>> from curvplan.modules.preconditioners._kfac import kfac
