@@ -12,7 +12,6 @@ Wall-clock times are per-process and include nothing but the steps (the first, c
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 
 import curvplan as cp
-from common import ROOT, SHAKESPEARE, progress
+from common import ROOT, SHAKESPEARE, parser, progress
 
 
 def load_text(context: int):
@@ -87,9 +86,7 @@ def optimizers(steps: int) -> dict[str, optax.GradientTransformation]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap = parser(__doc__, steps=400, batch_size=32)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--methods", default="adamw,muon,soap,adaptive_schatten")

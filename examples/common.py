@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
@@ -13,6 +14,14 @@ from curvplan.examples.digits import load_digits  # noqa: F401  (re-exported: 15
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT / "benchmarks" / "data" / "shakespeare_plays.txt"
+
+
+def parser(doc: str, steps: int, batch_size: int) -> argparse.ArgumentParser:
+    """The command line every example starts from (``--steps``, ``--batch-size``); examples add their own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    return ap
 
 
 def minibatches(x: np.ndarray, y: np.ndarray, batch_size: int, steps: int, seed: int = 0) -> Iterator:

@@ -10,15 +10,13 @@ The optimizer is curvplan's SOAP after gradient clipping in an ``optax.chain``, 
 
 from __future__ import annotations
 
-import argparse
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 
 import curvplan as cp
-from common import load_digits, minibatches, progress
+from common import load_digits, minibatches, parser, progress
 
 
 def loss_fn(model, x, y):
@@ -26,10 +24,7 @@ def loss_fn(model, x, y):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=128)
-    args = ap.parse_args(argv)
+    args = parser(__doc__, steps=300, batch_size=128).parse_args(argv)
 
     (xtr, ytr), (xte, yte) = load_digits()
     model = eqx.nn.MLP(64, 10, width_size=128, depth=2, activation=jnp.tanh, key=jax.random.key(0))

@@ -10,15 +10,13 @@ state where a logger can read it. Muon needs nothing but the gradient, so `as_op
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 import curvplan as cp
-from common import load_digits, minibatches, progress
+from common import load_digits, minibatches, parser, progress
 
 
 class MLP(nnx.Module):
@@ -42,10 +40,7 @@ def make_optimizer(steps: int, peak_lr: float = 0.02) -> optax.GradientTransform
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=128)
-    args = ap.parse_args(argv)
+    args = parser(__doc__, steps=300, batch_size=128).parse_args(argv)
 
     (xtr, ytr), (xte, yte) = load_digits()
     model = MLP((64, 128, 128, 10), nnx.Rngs(0))

@@ -12,6 +12,7 @@ under ``lax.cond`` on its cadence, as hand-wired code would.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Any, Callable, NamedTuple
 
@@ -23,6 +24,7 @@ from curvplan.ir import quantities as qs
 from curvplan.ir._errors import LoweringError
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase
+from curvplan.lowering._layers import discover_layers
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
 from curvplan.modules._base import Context, Module, tree_all_finite, tree_norm
 from curvplan.planner._plan import Plan
@@ -218,11 +220,22 @@ class LoweredPlan:
         return schema
 
     # -- state ------------------------------------------------------------------------------------------
-    def init(self, params: Any, rng: jax.Array | None = None) -> PlanState:
+    def init(self, params: Any, rng: jax.Array | None = None, batch: Any = None) -> PlanState:
+        """The state for ``params``. Given an example ``batch`` (shapes are what matter), modules that lay out
+        per-layer state (K-FAC) read the model's layers off the traced loss instead of assuming a weight layout."""
         step = jnp.zeros((), jnp.int32)
         mods, slots = {}, {}
+        layers = None
+        if batch is not None and self.objective.given:
+            report: list = []
+
+            def layers():
+                if not report:
+                    report.append(discover_layers(self.objective.loss, params, batch))
+                return report[0]
+
         for lbl, m in self.modules.items():
-            ctx = self._ctx(lbl, step, rng, params, None)
+            ctx = dataclasses.replace(self._ctx(lbl, step, rng, params, None), layers=layers)
             mods[lbl] = m.init(params, ctx)
         writers = {}
         for ph in self.plan.phases:
@@ -234,7 +247,8 @@ class LoweredPlan:
             if op is None or op.role != "module":
                 raise LoweringError(f"carried {qv.name} has no module that writes it", where=f"slot {qv.name}")
             m = self.modules[op.name]
-            slots[self.plan.names[qv]] = m.init_carried(qv, params, self._ctx(op.name, step, rng, params, None))
+            ctx = dataclasses.replace(self._ctx(op.name, step, rng, params, None), layers=layers)
+            slots[self.plan.names[qv]] = m.init_carried(qv, params, ctx)
         return PlanState(step, _widen(mods), _widen(slots), jnp.zeros((), jnp.int32))
 
     def _ctx(self, label, step, rng, params, batch) -> Context:

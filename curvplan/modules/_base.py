@@ -35,6 +35,8 @@ class Context:
         batch: the current batch.
         objective: the user's model / loss description (`curvplan.Objective`).
         module: the module's name.
+        layers: at ``init`` given a batch, a zero-argument function returning the model's `LayerReport`
+            (layer discovery on that batch; computed on first call, shared by the plan's modules); else None.
     """
 
     step: jax.Array
@@ -44,6 +46,7 @@ class Context:
     objective: Any
     module: str
     info: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    layers: Callable[[], Any] | None = None
 
     def report(self, key: str, value: Any) -> None:
         """Records a telemetry value (the key must be in the module's ``info_fields``)."""

@@ -64,9 +64,18 @@ def check_params(lowered: LoweredPlan, params: Any, where: str) -> None:
                 "(flax nnx: `nnx.Optimizer(..., wrt=nnx.Param)`; equinox: `eqx.filter(model, eqx.is_inexact_array)`)")
 
 
-def check_state_matches(lowered: LoweredPlan, params: Any, state: PlanState, where: str) -> None:
-    """The state was built by this plan for parameters of these shapes (as `init` would build it)."""
-    expected = jax.eval_shape(lowered.init, spec(params))
+def check_state_matches(lowered: LoweredPlan, params: Any, state: PlanState, where: str, batch: Any = None) -> None:
+    """The state was built by this plan for parameters of these shapes (as `init` builds it, with or without an
+    example batch: K-FAC lays its state out from the model's layers when init saw one)."""
+    try:
+        _match(jax.eval_shape(lowered.init, spec(params)), state, where)
+    except InputError:
+        if batch is None or not lowered.objective.given:
+            raise
+        _match(jax.eval_shape(lambda p, b: lowered.init(p, None, b), spec(params), spec(batch)), state, where)
+
+
+def _match(expected: PlanState, state: PlanState, where: str) -> None:
     have, want = sorted(state.modules), sorted(expected.modules)
     if have != want:
         raise InputError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import optax
 
@@ -27,6 +27,7 @@ def as_optax(
     *,
     model_fn: Callable | None = None,
     loss: str | None = None,
+    example_batch: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps a plan as an optax transformation.
 
@@ -35,6 +36,8 @@ def as_optax(
     Extra arguments are keyword-only: ``batch=`` (required when a phase needs more than the gradient) and
     ``rng=``; unknown extras are ignored. The phase is chosen with ``lax.switch`` on the in-state step, so the
     update works inside a user's own ``jax.jit``. ``state.info`` holds the last step's `StepInfo`.
+    ``example_batch`` (shapes are what matter) is traced at ``init`` by modules that lay out per-layer state,
+    so K-FAC reads each layer's weight layout off the model (see `Optimizer.init`).
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, curvplan as cp
@@ -58,7 +61,7 @@ def as_optax(
 
     def init_fn(params):
         check_params(lowered, params, "init(params)")
-        return OptaxPlanState(lowered.init(params), lowered.empty_info())
+        return OptaxPlanState(lowered.init(params, batch=example_batch), lowered.empty_info())
 
     def update_fn(updates, state: OptaxPlanState, params=None, *, batch=None, rng=None, **extra):
         del extra
@@ -72,7 +75,8 @@ def as_optax(
                 fix="call `tx.update(grads, state, params, batch=batch)`",
             )
         check_params(lowered, params, where)
-        check_state_matches(lowered, params, state.plan_state, where)
+        check_state_matches(lowered, params, state.plan_state, where,
+                            batch if example_batch is None else example_batch)
         check_batch(lowered, params, batch, where)
         new_updates, plan_state, info = lowered.switch(params, state.plan_state, batch, rng, {q.grad(): updates})
         return new_updates, OptaxPlanState(plan_state, info)

@@ -66,13 +66,14 @@ class Optimizer:
 
     def _check(self, params, state, batch, where: str) -> None:
         check_params(self.lowered, params, where)
-        check_state_matches(self.lowered, params, state, where)
+        check_state_matches(self.lowered, params, state, where, batch)
         check_batch(self.lowered, params, batch, where)
 
-    def init(self, params: Any, rng: jax.Array | None = None) -> PlanState:
-        """The optimizer state for ``params``."""
+    def init(self, params: Any, rng: jax.Array | None = None, batch: Any = None) -> PlanState:
+        """The optimizer state for ``params``. An example ``batch`` lets modules with per-layer state (K-FAC) read
+        the layers' layout off the model instead of assuming one (only shapes matter)."""
         check_params(self.lowered, params, "Optimizer.init(params)")
-        return self.lowered.init(params, rng)
+        return self.lowered.init(params, rng, batch)
 
     def step(self, params, state: PlanState, batch, rng: jax.Array | None = None) -> tuple[Any, PlanState, StepInfo]:
         """One step: returns ``(new_params, new_state, info)``."""

@@ -358,6 +358,17 @@ def test_stacked_kfac_trains_and_names_bad_prefixes():
         params, state, info = opt.step(params, state, batch)
         assert int(info.kfac_layers) == 2 and int(info.kfac_fallback_leaves) == 0
     assert float(obj.loss(params, batch)) < 0.5 * first
+    # given an example batch at init, discovery finds the stack itself: no prefixes, the same steps
+    p0 = scanned_problem()[0]
+    by_prefix = cp.Optimizer(kfac(learning_rate=0.2, damping=0.1, inverse_every=2, stacked=("['blocks']",)),
+                             model_fn=obj.model_fn, loss="ce")
+    by_use = cp.Optimizer(kfac(learning_rate=0.2, damping=0.1, inverse_every=2), model_fn=obj.model_fn, loss="ce")
+    pa, sa, pb, sb = p0, by_prefix.init(p0), p0, by_use.init(p0, batch=batch)
+    for _ in range(3):
+        pa, sa, _ = by_prefix.step(pa, sa, batch)
+        pb, sb, info = by_use.step(pb, sb, batch)
+        assert int(info.kfac_layers) == 2 and int(info.kfac_fallback_leaves) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pa, pb)
     with pytest.raises(cp.LoweringError, match="match no parameter leaf"):
         cp.Optimizer(kfac(stacked=("['nope']",)), model_fn=obj.model_fn, loss="ce").init(params)
 

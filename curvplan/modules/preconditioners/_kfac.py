@@ -16,9 +16,10 @@ Factors are averaged with weight ``ema`` (value = Σ ema^i x_i / Σ ema^i, no se
 direction solves ``(A ⊗ Γ + γ I) vec(U) = vec(∇)`` exactly in the factors' eigenbases (``damping_mode="exact"``)
 or ``(Â ⊗ Γ̂) vec(U) = vec(∇)`` with π-adjusted Tikhonov damping Â = A + π√γ I, Γ̂ = Γ + √γ/π I (``"pi"``).
 
-The factor state is allocated at ``init`` from parameter shapes alone (no batch is available then): every leaf
-with two or more axes gets blocks for d_out = ``shape[out_axis]``, d_in = size / d_out (``out_axis=-1`` for flax
-/ plain ``x @ W`` / HWIO convolutions, ``0`` for equinox / torch layouts). A discovered layer whose matrix shape
+The factor state is allocated at ``init``: from the discovered layers when init is given an example batch, else
+from parameter shapes alone: every leaf with two or more axes gets blocks for d_out = ``shape[out_axis]``,
+d_in = size / d_out (``out_axis=-1`` for flax / plain ``x @ W`` / HWIO convolutions, ``0`` for equinox / torch
+layouts). A discovered layer whose matrix shape
 does not match, and every leaf discovery could not handle, uses the fallback (``identity``: the gradient itself,
 ``diagonal``: ``g / (EMA(g²) + γ)``); their count is reported as ``kfac_fallback_leaves``.
 
@@ -86,6 +87,24 @@ def _blocks(params, out_axis: int, stacked: tuple[str, ...] = ()) -> dict[str, t
     return out
 
 
+def _allocation(params, ctx, out_axis: int, stacked: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+    """Leaf key -> (stack, d_in, d_out) of the layers K-FAC keeps state for.
+
+    When ``init`` saw an example batch (``ctx.layers``), these are the discovered layers, read off the traced
+    use: ``(in, out)`` flax weights and ``(out, in)`` equinox / torch weights alike, stacked (scanned-over,
+    per-head) layers with their stack. Otherwise every floating leaf with two or more axes, by ``out_axis`` and
+    ``stacked`` (`_blocks`)."""
+    if ctx is not None and ctx.layers is not None:
+        return {k: (l.stack, l.d_in, l.d_out) for k, l in ctx.layers().layers.items()}
+    return _blocks(params, out_axis, stacked)
+
+
+def _allocated(pairs: dict) -> dict[str, tuple[int, int, int]]:
+    """(stack, d_in, d_out) per layer from its state pair (A-side, Γ-side) as allocated: A has the homogeneous
+    slot, so d_in is one less than its side."""
+    return {k: (a.shape[0] if a.ndim == 3 else 0, a.shape[-1] - 1, g.shape[-1]) for k, (a, g) in pairs.items()}
+
+
 def _lead(stack: int) -> tuple[int, ...]:
     """The leading shape of a layer's state arrays: ``(stack,)`` for a stacked layer, else ``()``."""
     return (stack,) if stack else ()
@@ -120,18 +139,23 @@ class FallbackWarning(UserWarning):
     """A K-FAC plan leaves weight matrices to its fallback (said once per compiled program, with the reason)."""
 
 
-def _warn_uncovered(report, blocks, covered, out_axis: int, module: str) -> None:
+def _warn_uncovered(report, blocks, covered, matrices: set[str], out_axis: int, module: str) -> None:
     """Names the matrix leaves K-FAC does not cover and why, at trace time (once per compiled program)."""
     why = {}
     for k, l in report.layers.items():
-        if k in covered or k not in blocks:
+        if k in covered:
+            continue
+        got = f"used as a {l.d_in}x{l.d_out} (in, out) matrix"
+        if k not in blocks:
+            why[k] = f"{got}, no state allocated for it"
             continue
         s, i, o = blocks[k]
         transposed = (l.stack, l.d_out, l.d_in) == (s, i, o)
-        why[k] = (f"used as a {l.d_in}x{l.d_out} (in, out) matrix, allocated with out_axis={out_axis}"
-                  + (f": pass out_axis={0 if out_axis == -1 else -1}" if transposed else ""))
+        why[k] = (f"{got}, allocated as {i}x{o} by out_axis={out_axis}"
+                  + (f": give init an example batch (`opt.init(params, batch=...)`, `as_optax(..., "
+                     f"example_batch=...)`) or pass out_axis={0 if out_axis == -1 else -1}" if transposed else ""))
     for k, reason in report.skipped.items():
-        if k in blocks and not any(k == l.bias for l in report.layers.values()):
+        if k in matrices:
             why[k] = reason
     if why:
         listed = "; ".join(f"{k} ({r})" for k, r in sorted(why.items()))
@@ -188,12 +212,12 @@ class KFACFactors(Module):
         _check_stacked(params, self.stacked, ctx.module)
         dt = jnp.result_type(float)
         sums = {k: (jnp.zeros(_lead(s) + (i + 1, i + 1), dt), jnp.zeros(_lead(s) + (o, o), dt))
-                for k, (s, i, o) in _blocks(params, self.out_axis, self.stacked).items()}
+                for k, (s, i, o) in _allocation(params, ctx, self.out_axis, self.stacked).items()}
         return KFACFactorsState(sums, jnp.zeros((), dt))
 
     def apply(self, inputs, state, ctx):
         acts, cots = inputs[q.activations()], inputs[q.out_cotangents(labels=self.labels)]
-        layers = _covered(_report(acts, ctx.module), _blocks(ctx.params, self.out_axis, self.stacked))
+        layers = _covered(_report(acts, ctx.module), _allocated(state.sums))
         sums, out = dict(state.sums), {}
         weight = self.ema * state.weight + 1.0
         for key, layer in layers.items():
@@ -279,7 +303,7 @@ class KFACInverse(Module):
     def init_carried(self, qv, params, ctx):
         dt = jnp.result_type(float)
         layers = {}
-        for k, (s, i, o) in _blocks(params, self.out_axis, self.stacked).items():
+        for k, (s, i, o) in _allocation(params, ctx, self.out_axis, self.stacked).items():
             if self.pi_damping is None:
                 layers[k] = (_stack_eye(i + 1, s, dt), jnp.zeros(_lead(s) + (i + 1,), dt), _stack_eye(o, s, dt),
                              jnp.zeros(_lead(s) + (o,), dt))
@@ -372,9 +396,10 @@ class KFACDirection(Module):
         basis = inputs[self._basis()]
         gamma = inputs[q.lam()] if self.adaptive else self.damping
         report = _report(inputs[q.activations()], ctx.module)
-        blocks = _blocks(g, self.out_axis, self.stacked)
+        blocks = _allocated({k: (e[0], e[2] if len(e) == 4 else e[1]) for k, e in basis["layers"].items()})
         layers = _covered(report, blocks)
-        _warn_uncovered(report, blocks, layers, self.out_axis, ctx.module)
+        matrices = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(g)[0] if x.ndim >= 2}
+        _warn_uncovered(report, blocks, layers, matrices, self.out_axis, ctx.module)
         v, count = state
         count = count + 1
         if self.fallback == "diagonal":
@@ -451,10 +476,12 @@ def kfac(
     λ term) drives `TrustRegionDamping` from ``damping``, λ ×= ω on ρ > 3/4 and λ /= ω on ρ < 1/4 with
     ω = (19/20)^k. Those steps also linearize the model (one GGN-vector product and one extra forward).
 
-    ``out_axis`` says which axis of a weight leaf is the layer's output when the state is allocated (at
-    ``init``, before any batch is seen): ``-1`` for flax / plain ``x @ W`` / HWIO convolutions, ``0`` for equinox
-    and torch-style ``(out, in)`` weights (``eqx.nn.Linear``). Layers the allocation does not match fall back
-    to ``fallback``; a `FallbackWarning` names them (and says when ``out_axis`` is the fix), and
+    The per-layer state is laid out at ``init``. Give init an example batch (``opt.init(params, batch=b)``,
+    ``cp.as_optax(..., example_batch=b)``) and the layers are read off the traced model: flax ``(in, out)`` and
+    equinox / torch ``(out, in)`` weights alike, and stacked (scanned-over, per-head) layers without
+    ``stacked=``. Without one, every leaf with two or more axes is laid out with ``out_axis`` (``-1``: flax,
+    plain ``x @ W``, HWIO convolutions; ``0``: ``(out, in)`` weights) and ``stacked``. Layers the layout does
+    not match fall back to ``fallback``; a `FallbackWarning` names them once, with the fix, and
     ``StepInfo.kfac_fallback_leaves`` counts them.
 
     >>> import curvplan as cp
