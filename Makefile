@@ -3,7 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-newest docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
+# Two workers, each test file on one of them (module-scoped fixtures such as x64 stay within a file).
+PYTEST_FLAGS ?= -n 2 --dist loadfile
+
+.PHONY: demo examples test test-newest docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,10 @@ $(VENV)/.test: $(VENV)/.core
 
 $(VENV)/.bench: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.core
+	$(BIN)/pip install -q -e ".[demo]"
 	touch $@
 
 $(VENV)/.examples: $(VENV)/.core
@@ -39,12 +46,12 @@ graphviz:
 	    echo "note: graphviz could not be installed; plan pictures use matplotlib"; \
 	  else echo "note: graphviz (dot) not found; plan pictures use matplotlib"; fi; }
 
-demo: $(VENV)/.examples graphviz
+demo: $(VENV)/.demo graphviz
 	$(BIN)/python -m curvplan.examples.digits
 
 test: $(VENV)/.test graphviz
 	@$(BIN)/python -c "import sys, jax, jaxlib, optax; print(f'curvplan tests: Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}')"
-	$(BIN)/python -m pytest tests curvplan
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) tests curvplan
 
 # The suite again on the newest JAX: a second venv on the newest Python that pyenv (or PATH) has, with the
 # newest jax / jaxlib / optax / flax / equinox that pip resolves. Without such a Python it prints a note.
@@ -67,8 +74,13 @@ test-newest: graphviz
 	else \
 	  $(MAKE) --no-print-directory $(NEWEST_VENV)/.test && \
 	  $(NEWEST_VENV)/bin/python -c "import sys, jax, jaxlib, optax; print(f'curvplan tests: Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}')" && \
-	  $(NEWEST_VENV)/bin/python -m pytest tests curvplan; \
+	  $(NEWEST_VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests curvplan; \
 	fi
+
+# Every script in examples/ at full size (each also runs small in the test suite).
+examples: $(VENV)/.examples
+	@for f in examples/flax_nnx.py examples/equinox_mlp.py examples/grad_accumulation.py examples/char_lm.py \
+	  examples/least_squares.py examples/orbax_checkpoint.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 # The API reference (mkdocs + mkdocstrings) into build/site; strict: a docstring that does not parse fails.
 docs: $(VENV)/.docs

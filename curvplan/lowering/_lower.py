@@ -130,6 +130,25 @@ def _like(new: Any, old: Any) -> Any:
                         new, old)
 
 
+def _step_is_finite(updates, env) -> jax.Array:
+    """A step is applied when its update, its gradient and its loss are finite. The gradient counts on its own:
+    a method that bounds its update (Sophia's clip) would otherwise take an Inf gradient into its moments."""
+    checks = [tree_all_finite(updates)]
+    for kind in (qs.grad(), qs.loss()):
+        if kind in env:
+            checks.append(tree_all_finite(env[kind]))
+    return jnp.all(jnp.stack(checks))
+
+
+def _skip_keeps(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """On a skipped step the floating state (statistics, moments, bases) is kept, while counters move on: the
+    step count, a schedule's count and failure counts advance, so a fault tied to one step (a schedule that
+    returns Inf once) does not repeat forever, and the telemetry of the skipped step matches the state."""
+    if jnp.issubdtype(new.dtype, jnp.inexact):
+        return jnp.where(finite, new, old)
+    return new
+
+
 def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array | None:
     if rng is None:
         return None
@@ -287,10 +306,10 @@ class LoweredPlan:
                 for w in op.writes:
                     slots[plan.names[w]] = _like(outs[w], state.slots[plan.names[w]])
             updates = env[self.update_q]
-            finite = tree_all_finite(updates)
-            new = PlanState(state.step + 1, mods, slots, state.skipped)
-            kept = PlanState(state.step + 1, state.modules, state.slots, state.skipped + 1)
-            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+            finite = _step_is_finite(updates, env)
+            mods, slots = jax.tree.map(lambda a, b: _skip_keeps(finite, a, b), (mods, slots),
+                                       (state.modules, state.slots))
+            new = PlanState(state.step + 1, mods, slots, state.skipped + (~finite).astype(state.skipped.dtype))
             updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
             info = self._info(env, infos, updates, finite, new.skipped, phase.index)
             return updates, new, info
