@@ -19,15 +19,24 @@ from curvplan.ir._errors import (
     PlanVerifyError,
 )
 from curvplan.ir._graph import phase_graph, verify_phase
-from curvplan.ir._module import MODULE_KINDS, Hyperparameter, Module, Use, carried, fresh, module_from_dict
+from curvplan.ir._module import (
+    MODULE_KINDS,
+    Hyperparameter,
+    Module,
+    Use,
+    carried,
+    fresh,
+    module_from_dict,
+)
 from curvplan.ir._providers import PROVIDERS, ProviderRule, register_provider
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase, Read
 
 __all__ = [
     "quantities", "Cadence", "EVERY_STEP", "describe_steps", "horizon", "PlanDiff", "diff_plans", "Error",
-    "ConfigError", "PlanError", "MissingProducerError", "AmbiguousProducerError", "CycleError", "CadenceError",
-    "DuplicateNameError", "PeriodError", "PlanVerifyError", "LoweringError", "InputError", "CheckpointError", "phase_graph",
-    "verify_phase", "MODULE_KINDS", "Hyperparameter", "Module", "Use", "carried", "fresh", "module_from_dict", "PROVIDERS",
-    "ProviderRule", "register_provider", "Quantity", "Op", "Phase", "Read",
+    "ConfigError", "PlanError", "MissingProducerError", "AmbiguousProducerError", "CycleError",
+    "CadenceError", "DuplicateNameError", "PeriodError", "PlanVerifyError", "LoweringError", "InputError",
+    "CheckpointError", "phase_graph", "verify_phase", "MODULE_KINDS", "Hyperparameter", "Module", "Use",
+    "carried", "fresh", "module_from_dict", "PROVIDERS", "ProviderRule", "register_provider", "Quantity",
+    "Op", "Phase", "Read",
 ]

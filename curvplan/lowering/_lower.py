@@ -13,6 +13,7 @@ under ``lax.cond`` on its cadence, as hand-wired code would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from typing import Any, Callable, NamedTuple
 
@@ -189,7 +190,8 @@ class LoweredPlan:
         """For cost analysis of the unplanned baseline: module -> take (True) / skip (False) its guard
         statically instead of ``lax.cond`` (XLA's cost analysis counts a cond's costliest branch)."""
 
-    def model_reader(self) -> tuple[Phase, str, Quantity] | None:
+    @functools.cached_property
+    def model_need(self) -> tuple[Phase, str, Quantity] | None:
         """(phase, module, quantity) of the first module that reads what only the model provides (a provider
         op's output), or None when every phase uses only given quantities (a gradient-only plan)."""
         for ph in self.plan.phases:
@@ -207,7 +209,7 @@ class LoweredPlan:
         first module that reads a provider's output, instead of failing inside a traced step."""
         if self.objective.given:
             return
-        needs = self.model_reader()
+        needs = self.model_need
         if needs is not None:
             ph, who, what = needs
             given = ", ".join(x.name for x in self.plan.given) or "nothing"
@@ -245,13 +247,8 @@ class LoweredPlan:
         step = jnp.zeros((), jnp.int32)
         mods, slots = {}, {}
         layers = None
-        if batch is not None and self.objective.given:
-            report: list = []
-
-            def layers():
-                if not report:
-                    report.append(discover_layers(self.objective.loss, params, batch))
-                return report[0]
+        if batch is not None and self.objective.given:  # traced once, on the first module that asks
+            layers = functools.cache(lambda: discover_layers(self.objective.loss, params, batch))
 
         for lbl, m in self.modules.items():
             ctx = dataclasses.replace(self._ctx(lbl, step, rng, params, None), layers=layers)

@@ -71,8 +71,9 @@ class Objective:
 
     def loss(self, params: Any, batch: Any) -> jax.Array:
         if not self.given:
-            raise LoweringError("no model given", where="Objective.loss",
-                                fix="pass `loss_fn=f` with f(params, batch) -> scalar, or `model_fn=g, loss='mse'|'ce'`")
+            raise LoweringError(
+                "no model given", where="Objective.loss",
+                fix="pass `loss_fn=f` with f(params, batch) -> scalar, or `model_fn=g, loss='mse'|'ce'`")
         if self.loss_fn is not None:
             return self.loss_fn(params, batch)
         x, y = batch

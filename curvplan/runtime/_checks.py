@@ -52,7 +52,7 @@ def check_params(lowered: LoweredPlan, params: Any, where: str) -> None:
             f"parameters must be arrays; {len(odd)} leaves are not: {', '.join(odd[:5])}", where=where,
             fix="pass only the arrays: equinox `params, static = eqx.partition(model, eqx.is_inexact_array)` and "
                 "`eqx.combine(params, static)` inside the loss; flax nnx `nnx.split(model, nnx.Param)`")
-    if lowered.model_reader() is None:
+    if lowered.model_need is None:
         return
     bad = [f"{_key(p)}: {jnp.result_type(x)}" for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
            if not jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
@@ -97,7 +97,7 @@ def _match(expected: PlanState, state: PlanState, where: str) -> None:
 def check_batch(lowered: LoweredPlan, params: Any, batch: Any, where: str) -> None:
     """A plan that evaluates the model gets a batch that fits it: ``(inputs, targets)`` with labels of the
     right kind for ``model_fn``, or a batch on which ``loss_fn`` returns a scalar."""
-    needs = lowered.model_reader()
+    needs = lowered.model_need
     if needs is None:
         return
     _, module, quantity = needs
