@@ -11,7 +11,7 @@ import importlib
 from curvplan.ir import (
     Cadence,
     Error,
-    Module,
+    ModuleSpec,
     PlanDiff,
     Quantity,
     carried,
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 # The JAX half loads on first use, so that planning, printing and diffing never import JAX.
 _LAZY = {
     "modules": ("curvplan.modules", None),
+    "Module": ("curvplan.modules", "Module"),
     "presets": ("curvplan.modules.presets", None),
     "lowering": ("curvplan.lowering", None),
     "runtime": ("curvplan.runtime", None),

@@ -156,7 +156,7 @@ def reference_scheduled(modules: Sequence[Toy], t: int, consumers=None) -> list[
 def kept(modules: Sequence[Toy]) -> list[bool]:
     carried_read = {u.quantity for m in modules for u in m.uses() if u.freshness == "carried"}
     return [
-        m.sink or bool(m.state_fields) or any(q.kind == "update" for q in m.outputs())
+        m.sink or bool(m.state_names()) or any(q.kind == "update" for q in m.outputs())
         or any(q in carried_read for q in m.outputs())
         for m in modules
     ]

@@ -22,11 +22,12 @@ from curvplan.ir._graph import phase_graph, verify_phase
 from curvplan.ir._module import (
     MODULE_KINDS,
     Hyperparameter,
-    Module,
+    ModuleSpec,
     Use,
     carried,
     fresh,
     module_from_dict,
+    state_type,
 )
 from curvplan.ir._providers import PROVIDERS, ProviderRule, register_provider
 from curvplan.ir._quantity import Quantity
@@ -36,7 +37,7 @@ __all__ = [
     "quantities", "Cadence", "EVERY_STEP", "describe_steps", "horizon", "PlanDiff", "diff_plans", "Error",
     "ConfigError", "PlanError", "MissingProducerError", "AmbiguousProducerError", "CycleError",
     "CadenceError", "DuplicateNameError", "PeriodError", "PlanVerifyError", "LoweringError", "InputError",
-    "CheckpointError", "phase_graph", "verify_phase", "MODULE_KINDS", "Hyperparameter", "Module", "Use",
-    "carried", "fresh", "module_from_dict", "PROVIDERS", "ProviderRule", "register_provider", "Quantity",
+    "CheckpointError", "phase_graph", "verify_phase", "MODULE_KINDS", "Hyperparameter", "ModuleSpec", "Use",
+    "carried", "fresh", "module_from_dict", "state_type", "PROVIDERS", "ProviderRule", "register_provider", "Quantity",
     "Op", "Phase", "Read",
 ]

@@ -1,23 +1,28 @@
 """The declaration side of the module contract (pure Python; the JAX side lives in `curvplan.modules`).
 
-A module is a frozen pydantic model with a ``kind`` discriminator. It declares what it consumes (each use
-``fresh`` or ``carried``), what it produces, when it runs and roughly what it costs:
+A `ModuleSpec` is a frozen pydantic model with a ``kind`` discriminator. It declares, once and by its own
+names, what it consumes (each use ``fresh`` or ``carried``) and what it produces, and when it runs. The
+planner reads the quantities; lowering hands ``apply`` its inputs by those names and takes its outputs back by
+them, applying ``tag`` / ``take`` itself, so a module never builds a quantity key:
 
 >>> from typing import Literal
->>> from curvplan.ir import Module, fresh, quantities as q
->>> class Scale(Module):
+>>> from curvplan.ir import ModuleSpec, fresh, quantities as q
+>>> class Scale(ModuleSpec):
 ...     kind: Literal["scale_doc"] = "scale_doc"
 ...     factor: float = 1.0
-...     def consumes(self): return (fresh(q.grad()),)
-...     def produces(self): return (q.update(),)
+...     def consumes(self): return {"grad": fresh(q.grad())}
+...     def produces(self): return {"update": q.update()}
 >>> Scale(factor=0.5, every=2).cadence
 @every(2)
+>>> [u.quantity.name for u in Scale(take=(("grad", "clipped"),)).uses()]
+['%grad:clipped']
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, Mapping, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError, model_validator
 
@@ -29,7 +34,7 @@ Freshness = Literal["fresh", "carried"]
 _BASE_FIELDS = frozenset({"kind", "name", "cadence", "tag", "take"})
 _CADENCE_KEYS = ("every", "offset", "start", "stop")
 
-MODULE_KINDS: dict[str, type["Module"]] = {}
+MODULE_KINDS: dict[str, type["ModuleSpec"]] = {}
 
 
 class Use(NamedTuple):
@@ -115,17 +120,20 @@ def Hyperparameter(*, gt: float | None = None, ge: float | None = None, lt: floa
     return Annotated[Any, BeforeValidator(validate), PlainSerializer(serialize, return_type=Any)]
 
 
-class Module(BaseModel):
-    """Base of every module declaration.
+class ModuleSpec(BaseModel):
+    """Base of every module declaration (the runnable base, `curvplan.modules.Module`, adds the JAX side).
 
     Subclasses add ``kind: Literal["..."] = "..."``, their config fields, and override `consumes` and
-    `produces`. Common fields:
+    `produces`, each a mapping from the module's own names to quantities. Common fields:
 
     - ``name``: unique in a composition; defaults to ``kind`` (``kind_1``, ... when several differ).
     - ``cadence`` (or the shortcuts ``every=``, ``offset=``, ``start=``, ``stop=``): when it runs. ``None``
       means "whenever a fresh consumer needs my outputs, else every step".
     - ``tag``: labels this module's outputs so that consumers can choose between two producers.
     - ``take``: ``(("diag.hessian", "gnb"),)`` reads the quantity ``%diag.hessian`` tagged ``gnb``.
+
+    The state a module keeps is not declared: its names are the fields of the NamedTuple that ``init`` is
+    annotated to return (`state_names`), and lowering checks that ``init`` returns one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -136,14 +144,11 @@ class Module(BaseModel):
     tag: str | None = None
     take: tuple[tuple[str, str], ...] = ()
 
-    cost: ClassVar[float] = 0.1
-    """Rough relative cost in gradient evaluations, used for reporting and provider selection."""
-    state_fields: ClassVar[tuple[str, ...]] = ()
-    """Names of the arrays this module keeps across steps (shown in the plan's state line)."""
     sink: ClassVar[bool] = False
     """True when the module must run even if nothing reads its outputs (telemetry, the update)."""
     info_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
-    """Telemetry ``(key, dtype)`` pairs (dtype ``float`` / ``int`` / ``bool``) this module reports in `StepInfo`."""
+    """Telemetry ``(key, dtype)`` pairs (dtype ``float`` / ``int`` / ``bool``): the keys ``apply`` may return
+    in its info mapping, and the schema of `StepInfo`."""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs):
@@ -154,11 +159,15 @@ class Module(BaseModel):
             MODULE_KINDS[default] = cls
 
     def __init__(self, **data: Any):
+        kind = type(self).model_fields["kind"].default
+        name = data.get("name") or kind
         try:
             super().__init__(**data)
         except ValidationError as e:
-            kind = type(self).model_fields["kind"].default
-            name = data.get("name") or kind
+            inner = [x.get("ctx", {}).get("error") for x in e.errors()]
+            own = next((x for x in inner if isinstance(x, ConfigError)), None)
+            if own is not None:  # a check of the module's own: raised once, naming the module
+                raise ConfigError(own.what, where=f"module `{name}`", fix=own.fix) from None
             raise ConfigError(
                 f"invalid configuration for module `{name}` ({type(self).__name__}):\n{e}",
                 where=f"module `{name}`",
@@ -177,13 +186,13 @@ class Module(BaseModel):
         return data
 
     # -- declarations (override) ------------------------------------------------------------------------
-    def consumes(self) -> tuple[Use, ...]:
-        """The quantities this module reads, each `fresh` or `carried`."""
-        return ()
+    def consumes(self) -> Mapping[str, Use]:
+        """What this module reads: its own input name -> the quantity, `fresh` or `carried`."""
+        return {}
 
-    def produces(self) -> tuple[Quantity, ...]:
-        """The quantities this module writes."""
-        return ()
+    def produces(self) -> Mapping[str, Quantity]:
+        """What this module writes: its own output name -> the quantity (untagged)."""
+        return {}
 
     # -- derived ----------------------------------------------------------------------------------------
     @property
@@ -192,18 +201,32 @@ class Module(BaseModel):
         return self.name or self.kind
 
     def uses(self) -> tuple[Use, ...]:
-        """`consumes` with ``take`` selections applied."""
+        """The consumed quantities in declaration order, with ``take`` selections applied."""
         taken = dict(self.take)
         out = []
-        for u in self.consumes():
+        for u in _values(self.consumes()):
             t = taken.get(u.quantity.name.lstrip("%"))
             out.append(Use(u.quantity.with_attrs(tag=t), u.freshness) if t else u)
         return tuple(out)
 
     def outputs(self) -> tuple[Quantity, ...]:
-        """`produces` with ``tag`` applied."""
-        qs = self.produces()
-        return tuple(x.with_attrs(tag=self.tag) for x in qs) if self.tag else tuple(qs)
+        """The produced quantities in declaration order, with ``tag`` applied."""
+        qs = tuple(_values(self.produces()))
+        return tuple(x.with_attrs(tag=self.tag) for x in qs) if self.tag else qs
+
+    def input_names(self) -> tuple[str, ...]:
+        """The module's names for `uses`, in the same order."""
+        return tuple(self.consumes())
+
+    def output_names(self) -> tuple[str, ...]:
+        """The module's names for `outputs`, in the same order."""
+        return tuple(self.produces())
+
+    def state_names(self) -> tuple[str, ...]:
+        """The fields of the state this module keeps: those of the NamedTuple ``init`` is annotated to return
+        (``()`` for a stateless module)."""
+        t = state_type(type(self))
+        return tuple(t._fields) if t is not None else ()
 
     def settings(self) -> tuple[tuple[str, Any], ...]:
         """All of the module's own settings (base fields excluded), sorted."""
@@ -211,8 +234,10 @@ class Module(BaseModel):
         return tuple(sorted((k, _freeze(v)) for k, v in dump.items() if k not in _BASE_FIELDS))
 
     def config(self) -> tuple[tuple[str, Any], ...]:
-        """The settings printed as op attributes in plan text (all of them unless overridden)."""
-        return self.settings()
+        """The settings printed as op attributes in plan text: those that differ from their defaults, so a
+        changed default shows only where it matters."""
+        dump = self.model_dump(mode="json", exclude_defaults=True)
+        return tuple(sorted((k, _freeze(v)) for k, v in dump.items() if k not in _BASE_FIELDS))
 
     def identity(self) -> tuple:
         """Equal identities mean interchangeable modules (dedup merges them)."""
@@ -220,6 +245,25 @@ class Module(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_defaults=True) | {"kind": self.kind}
+
+
+def _values(decl: Any) -> list:
+    return list(decl.values()) if isinstance(decl, Mapping) else list(decl)
+
+
+def state_type(cls: type) -> type | None:
+    """The NamedTuple class that ``cls.init`` is annotated to return, or None (no annotation, or not a
+    NamedTuple). Reads the annotation only: nothing is traced or imported."""
+    init = getattr(cls, "init", None)
+    if init is None:
+        return None
+    ann = inspect.signature(init).return_annotation
+    if isinstance(ann, str):
+        try:
+            ann = eval(ann, getattr(init, "__globals__", {}))  # noqa: S307  (an annotation of our own code)
+        except Exception:
+            return None
+    return ann if isinstance(ann, type) and issubclass(ann, tuple) and hasattr(ann, "_fields") else None
 
 
 def _freeze(v: Any) -> Any:
@@ -230,8 +274,8 @@ def _freeze(v: Any) -> Any:
     return v
 
 
-def module_from_dict(d: dict) -> Module:
-    """Rebuilds a module from `Module.to_dict` (its class must have been imported)."""
+def module_from_dict(d: dict) -> ModuleSpec:
+    """Rebuilds a module from `ModuleSpec.to_dict` (its class must have been imported)."""
     kind = d.get("kind")
     cls = MODULE_KINDS.get(kind)
     if cls is None:

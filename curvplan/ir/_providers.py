@@ -56,7 +56,7 @@ for _rule in (
     ProviderRule(
         "linearize_model",
         frozenset({q.loss(), q.grad(), q.outputs(), q.ggn_op("mse"), q.ggn_op("ce"), q.fisher_op("sampled"),
-                   q.quantity("model_lin")}),
+                   q.model_lin()}),
         1.3,
         (q.params(), q.batch(), q.rng()),
     ),

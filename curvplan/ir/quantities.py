@@ -119,3 +119,19 @@ def rho() -> Quantity:
 
 def loss_after() -> Quantity:
     return Quantity("loss_after")
+
+
+def curv_op() -> Quantity:
+    """The curvature operator ``v -> C v`` that estimators and solvers consume (Hessian, GGN or Fisher)."""
+    return Quantity("curv_op")
+
+
+def precond_diag() -> Quantity:
+    """A diagonal preconditioner (the bias-corrected EMA of a diagonal curvature estimate)."""
+    return Quantity("precond", "diag")
+
+
+def model_lin() -> Quantity:
+    """The model linearized on the batch (outputs, targets, jvp, vjp, per-example residual); produced by the
+    ``linearize_model`` provider, consumed by the row-space (Woodbury) solvers."""
+    return Quantity("model_lin")

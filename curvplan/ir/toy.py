@@ -2,7 +2,7 @@
 
 >>> from curvplan.ir.toy import Toy
 >>> t = Toy(name="ema", reads=("diag.hessian",), makes=("v",), stateful=True, every=10)
->>> [u.quantity.name for u in t.uses()], [x.name for x in t.outputs()], t.state_fields
+>>> [u.quantity.name for u in t.uses()], [x.name for x in t.outputs()], t.state_names()
 (['%diag.hessian'], ['%v'], ('s',))
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from curvplan.ir._module import Module, Use
+from curvplan.ir._module import ModuleSpec, Use
 from curvplan.ir._quantity import Quantity
 
 
@@ -20,7 +20,7 @@ def parse_spec(spec: str) -> Quantity:
     return Quantity(kind, subject or None)
 
 
-class Toy(Module):
+class Toy(ModuleSpec):
     """Reads ``reads`` (fresh, or carried when listed in ``carry``) and makes ``makes``."""
 
     kind: Literal["toy"] = "toy"
@@ -33,17 +33,18 @@ class Toy(Module):
     """Extra settings, printed as op attributes (e.g. ``(("beta", 0.99),)``)."""
 
     def consumes(self):
-        return tuple(Use(parse_spec(s), "carried" if s in self.carry else "fresh") for s in self.reads)
+        return {f"in{i}": Use(parse_spec(s), "carried" if s in self.carry else "fresh")
+                for i, s in enumerate(self.reads)}
 
     def produces(self):
-        return tuple(parse_spec(s) for s in self.makes)
+        return {f"out{i}": parse_spec(s) for i, s in enumerate(self.makes)}
 
     def config(self):
         """Only ``attrs`` are printed, to keep toy plans short."""
         return tuple(sorted(self.attrs))
 
-    @property
-    def state_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+    def state_names(self) -> tuple[str, ...]:
+        """A declaration-only module has no ``init`` to read its state from: ``stateful`` says it."""
         return ("s",) if self.stateful else ()
 
     @property

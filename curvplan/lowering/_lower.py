@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase
 from curvplan.lowering._layers import discover_layers
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
-from curvplan.modules._base import Context, Module, tree_all_finite, tree_norm
+from curvplan.ir._module import state_type
+from curvplan.modules._base import Context, Inputs, Module, tree_all_finite, tree_norm
 from curvplan.planner._plan import Plan
 
 _INFO_DEFAULTS = {"float": jnp.nan, "int": -1, "bool": False}
@@ -150,6 +151,11 @@ def _skip_keeps(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     return new
 
 
+def _named(m: Module) -> bool:
+    """TRANSITIONAL: True for a module on the named contract (mappings), False for the old tuple one."""
+    return isinstance(m.produces(), Mapping)
+
+
 def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array | None:
     if rng is None:
         return None
@@ -252,7 +258,7 @@ class LoweredPlan:
 
         for lbl, m in self.modules.items():
             ctx = dataclasses.replace(self._ctx(lbl, step, rng, params, None), layers=layers)
-            mods[lbl] = m.init(params, ctx)
+            mods[lbl] = _checked_state(m, m.init(params, ctx))
         writers = {}
         for ph in self.plan.phases:
             for op in ph.ops:
@@ -264,7 +270,8 @@ class LoweredPlan:
                 raise LoweringError(f"carried {qv.name} has no module that writes it", where=f"slot {qv.name}")
             m = self.modules[op.name]
             ctx = dataclasses.replace(self._ctx(op.name, step, rng, params, None), layers=layers)
-            slots[self.plan.names[qv]] = m.init_carried(qv, params, ctx)
+            key = dict(zip(m.outputs(), m.output_names()))[qv] if _named(m) else qv
+            slots[self.plan.names[qv]] = m.init_carried(key, params, ctx)
         return PlanState(step, _widen(mods), _widen(slots), jnp.zeros((), jnp.int32))
 
     def _ctx(self, label, step, rng, params, batch) -> Context:
@@ -295,6 +302,8 @@ class LoweredPlan:
                 ctx = self._ctx(op.name, state.step, rng, params, batch)
                 if "rng" in [r.node.kind for r in op.reads]:
                     inputs[next(r.quantity for r in op.reads if r.node.kind == "rng")] = ctx.rng
+                if _named(m):  # reads are in declaration order (take applied by the planner)
+                    inputs = Inputs(dict(zip(m.input_names(), (inputs[r.quantity] for r in op.reads))), op.name)
                 outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, state.slots, state.step)
                 mods[op.name] = _like(new_state, mods[op.name])
                 infos[op.name] = info
@@ -338,12 +347,16 @@ class LoweredPlan:
     def _run_module(self, m: Module, op: Op, inputs, mstate, ctx: Context, slots, step):
         def run(inputs, mstate):
             c = Context(ctx.step, ctx.rng, ctx.params, ctx.batch, ctx.objective, ctx.module)
-            outs, new_state = m.apply(inputs, mstate, c)
-            declared = dict(zip(m.outputs(), m.produces()))  # tagged -> as the module names it
-            missing = [x.name for x in op.outputs if declared[x] not in outs]
-            if missing:
-                raise LoweringError(f"module `{op.name}` did not return {missing}", where=f"module `{op.name}`")
-            return {x: outs[declared[x]] for x in op.outputs}, new_state, self._module_info(m, c.info)
+            if not _named(m):  # TRANSITIONAL
+                outs, new_state = m.apply(inputs, mstate, c)
+                declared = dict(zip(m.outputs(), m.produces()))  # tagged -> as the module names it
+                missing = [x.name for x in op.outputs if declared[x] not in outs]
+                if missing:
+                    raise LoweringError(f"module `{op.name}` did not return {missing}", where=f"module `{op.name}`")
+                return {x: outs[declared[x]] for x in op.outputs}, new_state, self._module_info(m, c.info)
+            outs, new_state, info = _unpack(m, m.apply(inputs, mstate, c))
+            by_name = dict(zip(m.outputs(), m.output_names()))
+            return {x: outs[by_name[x]] for x in op.outputs}, new_state, self._module_info(m, info)
 
         if op.guard is None:
             return run(inputs, mstate)
@@ -422,6 +435,46 @@ class LoweredPlan:
             return self.phase_fns[0](params, state, batch, rng, given)
         branches = [lambda a, s, b, r, g, f=f: f(a, s, b, r, g) for f in self.phase_fns]
         return jax.lax.switch(self.phase_index(state.step), branches, params, state, batch, rng, given)
+
+
+def _checked_state(m: Module, state: Any) -> Any:
+    """``init``'s state, checked against the NamedTuple its annotation names (the plan's ``state:`` line)."""
+    if not _named(m):  # TRANSITIONAL
+        return state
+    t = state_type(type(m))
+    if t is not None and not isinstance(state, t):
+        raise LoweringError(
+            f"module `{m.label}`: init returned a {type(state).__name__}, but it is annotated to return {t.__name__}",
+            where=f"module `{m.label}` ({type(m).__name__}.init)",
+            fix=f"return a {t.__name__}(...) from init",
+        )
+    if t is None and jax.tree.leaves(state):
+        raise LoweringError(
+            f"module `{m.label}`: init returned state ({type(state).__name__}) without a state type",
+            where=f"module `{m.label}` ({type(m).__name__}.init)",
+            fix="define a NamedTuple for the state above the module and annotate `def init(...) -> ThatState`",
+        )
+    return state
+
+
+def _unpack(m: Module, result: Any) -> tuple[dict, Any, dict]:
+    """``apply``'s ``(outputs, state)`` or ``(outputs, state, info)``, with the output names checked."""
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise LoweringError(
+            f"module `{m.label}`: apply returned {type(result).__name__}, expected (outputs, state[, info])",
+            where=f"module `{m.label}` ({type(m).__name__}.apply)",
+            fix="return a tuple (outputs by name, new state) or (outputs, state, telemetry by key)",
+        )
+    outs, state, info = result if len(result) == 3 else (*result, {})
+    names = set(m.output_names())
+    if not isinstance(outs, Mapping) or set(outs) != names:
+        got = sorted(outs) if isinstance(outs, Mapping) else type(outs).__name__
+        raise LoweringError(
+            f"module `{m.label}`: apply returned outputs {got}, but the module produces {sorted(names)}",
+            where=f"module `{m.label}` ({type(m).__name__}.apply)",
+            fix="return one value under each name of `produces()`, and nothing else",
+        )
+    return dict(outs), state, dict(info)
 
 
 def lower_plan(plan: Plan, objective: Objective) -> LoweredPlan:

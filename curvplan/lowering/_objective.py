@@ -140,7 +140,7 @@ def _linearize_model(obj: Objective, params, batch, rng):
         vals[q.ggn_op("ce")] = LinearOperator(_in_dtypes_of(params, ggn_ce), "ggn_ce")
     vjp = lambda u: f_vjp(u)[0]  # noqa: E731
     lin = ModelLinearization(outputs, y, f_jvp, vjp, obj.loss_kind, r * n)
-    vals[q.quantity("model_lin")] = lin
+    vals[q.model_lin()] = lin
     vals[q.fisher_op("sampled")] = FisherSampler(lin)
     return vals
 

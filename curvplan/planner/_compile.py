@@ -2,7 +2,7 @@
 
 The pipeline (DESIGN.md §5), one function per pass:
 
-1. `_validate`: every item is a `Module`; explicit names are unique.
+1. `_validate`: every item is a `ModuleSpec`; explicit names are unique.
 2. `_dedup`: modules with equal configuration are merged (equal quantities are already one object).
 3. `_name`: default names (``kind``, ``kind_1``, ...) assigned in structural order.
 4. `_resolve`: every consumed quantity gets a producer (input, module or provider rule).
@@ -32,7 +32,7 @@ from curvplan.ir._errors import (
     PlanError,
 )
 from curvplan.ir._graph import verify_phase
-from curvplan.ir._module import Module
+from curvplan.ir._module import ModuleSpec, _values
 from curvplan.ir._providers import PROVIDERS, ProviderRule
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase, Read
@@ -44,7 +44,7 @@ INPUT = "<input>"
 
 
 def compile_plan(
-    modules: Sequence[Module],
+    modules: Sequence[ModuleSpec],
     *,
     optimize: bool = True,
     name: str = "plan",
@@ -91,7 +91,7 @@ def compile_plan(
         phases, table, slots = _build_phases(live, producers, run, prefix, period, given, reads_new)
     else:
         phases, table, slots = _build_unplanned(live, producers, run, prefix, period, given, reads_new)
-    state = ("step",) + tuple(f"{lbl}.{f}" for lbl, m in live.items() for f in m.state_fields)
+    state = ("step",) + tuple(f"{lbl}.{f}" for lbl, m in live.items() for f in m.state_names())
     return Plan(
         name=name,
         optimize=optimize,
@@ -112,8 +112,8 @@ def compile_plan(
 
 
 # -- 1-3: validate, dedup, name ---------------------------------------------------------------------------
-def _validate(modules: Sequence[Module]) -> list[Module]:
-    if isinstance(modules, Module):
+def _validate(modules: Sequence[ModuleSpec]) -> list[ModuleSpec]:
+    if isinstance(modules, ModuleSpec):
         modules = [modules]
     if callable(modules) and not isinstance(modules, (list, tuple)):
         name = getattr(modules, "__name__", type(modules).__name__)
@@ -131,9 +131,9 @@ def _validate(modules: Sequence[Module]) -> list[Module]:
             fix="pass module instances, e.g. `cp.presets.newton_cg()` returns a list of them",
         ) from None
     out = []
-    seen: dict[str, Module] = {}
+    seen: dict[str, ModuleSpec] = {}
     for i, m in enumerate(modules):
-        if not isinstance(m, Module):
+        if not isinstance(m, ModuleSpec):
             raise PlanError(
                 f"item {i} of the module list is a {type(m).__name__}, not a curvplan module",
                 where=f"modules[{i}] = {m!r}",
@@ -152,9 +152,9 @@ def _validate(modules: Sequence[Module]) -> list[Module]:
     return out
 
 
-def _dedup(mods: list[Module]) -> tuple[list[Module], tuple[tuple[str, str], ...]]:
+def _dedup(mods: list[ModuleSpec]) -> tuple[list[ModuleSpec], tuple[tuple[str, str], ...]]:
     """Merges modules whose configuration is equal (ignoring names); keeps the smallest explicit name."""
-    groups: dict[tuple, list[Module]] = {}
+    groups: dict[tuple, list[ModuleSpec]] = {}
     for m in mods:
         groups.setdefault(m.identity(), []).append(m)
     out, merged = [], []
@@ -166,7 +166,7 @@ def _dedup(mods: list[Module]) -> tuple[list[Module], tuple[tuple[str, str], ...
     return out, tuple(sorted(merged))
 
 
-def _name(mods: list[Module]) -> dict[str, Module]:
+def _name(mods: list[ModuleSpec]) -> dict[str, ModuleSpec]:
     explicit = {m.name for m in mods if m.name is not None}
     unnamed = sorted((m for m in mods if m.name is None), key=lambda m: repr(m.identity()))
     for m in unnamed:
@@ -180,7 +180,7 @@ def _name(mods: list[Module]) -> dict[str, Module]:
 
 
 # -- 4-5: resolve producers, cycles ----------------------------------------------------------------------
-def _resolve(mods: dict[str, Module], given: tuple[Quantity, ...]) -> dict[Quantity, str]:
+def _resolve(mods: dict[str, ModuleSpec], given: tuple[Quantity, ...]) -> dict[Quantity, str]:
     """Maps each consumed quantity to a module label, `PROVIDER` or `INPUT`."""
     made: dict[Quantity, list[str]] = {}
     for lbl, m in mods.items():
@@ -225,7 +225,7 @@ def _resolve(mods: dict[str, Module], given: tuple[Quantity, ...]) -> dict[Quant
     return producers
 
 
-def _fresh_graph(mods: dict[str, Module], producers: dict[Quantity, str]) -> nx.DiGraph:
+def _fresh_graph(mods: dict[str, ModuleSpec], producers: dict[Quantity, str]) -> nx.DiGraph:
     """Module-level graph with an edge producer -> consumer for every fresh use."""
     g = nx.DiGraph()
     g.add_nodes_from(mods)
@@ -237,7 +237,7 @@ def _fresh_graph(mods: dict[str, Module], producers: dict[Quantity, str]) -> nx.
     return g
 
 
-def _check_cycles(mods: dict[str, Module], producers: dict[Quantity, str]) -> None:
+def _check_cycles(mods: dict[str, ModuleSpec], producers: dict[Quantity, str]) -> None:
     g = _fresh_graph(mods, producers)
     try:
         cycle = nx.find_cycle(g)
@@ -325,7 +325,7 @@ def _carried_reads_of_new_values(mods, producers) -> set[tuple[str, Quantity]]:
     return {(c, q) for p, c, q in carried_edges if component[p] != component[c]}
 
 
-def _propagate(mods: dict[str, Module], producers: dict[Quantity, str], window: int) -> dict[str, int]:
+def _propagate(mods: dict[str, ModuleSpec], producers: dict[Quantity, str], window: int) -> dict[str, int]:
     """Steps (bitmask over ``window``) on which each module runs.
 
     A module with an explicit cadence runs on it; one without runs every step if it is a sink, makes the
@@ -358,7 +358,7 @@ def _propagate(mods: dict[str, Module], producers: dict[Quantity, str], window: 
         keep = (
             m.sink
             or any(q.kind == "update" for q in m.outputs())
-            or bool(m.state_fields)
+            or bool(m.state_names())
             or any(q in carried_read for q in m.outputs())
         )
         if keep:
@@ -444,7 +444,7 @@ def _steps_by_phase(run: dict[str, int], prefix: int, period: int) -> tuple[list
     return sets, tuple(table)
 
 
-def _module_op(m: Module, reads: list[Read], writes: set[Quantity], guard: str | None = None) -> Op:
+def _module_op(m: ModuleSpec, reads: list[Read], writes: set[Quantity], guard: str | None = None) -> Op:
     outs = tuple(sorted(m.outputs()))
     return Op(
         name=m.label,
@@ -515,7 +515,7 @@ def _build_phases(mods, producers, run, prefix, period, given, reads_new):
                 continue
             m = mods[ref]
             reads = []
-            for (d, _), (q, fr) in zip(m.consumes(), m.uses()):
+            for (d, _), (q, fr) in zip(_values(m.consumes()), m.uses()):
                 if producers[q] == INPUT:
                     reads.append(Read(d, "input", q))
                 elif fr == "fresh" or (ref, q) in reads_fresh:
@@ -572,7 +572,7 @@ def _build_unplanned(mods, producers, run, prefix, period, given, reads_new):
         lbl = node.split(":", 1)[1]
         m = mods[lbl]
         reads = []
-        for (d, _), (q, fr) in zip(m.consumes(), m.uses()):
+        for (d, _), (q, fr) in zip(_values(m.consumes()), m.uses()):
             if producers[q] == INPUT:
                 reads.append(Read(d, "input", q))
             elif q in private[lbl]:

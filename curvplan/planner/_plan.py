@@ -10,7 +10,7 @@ from typing import Any
 
 from curvplan.ir._cadence import describe_steps
 from curvplan.ir._errors import PlanError
-from curvplan.ir._module import Module, module_from_dict
+from curvplan.ir._module import ModuleSpec, module_from_dict
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Phase, assign_names, format_phase
 
@@ -41,7 +41,7 @@ class Plan:
     optimize: bool
     given: tuple[Quantity, ...]
     max_period: int
-    modules: tuple[Module, ...]
+    modules: tuple[ModuleSpec, ...]
     phases: tuple[Phase, ...]
     prefix: int
     period: int
@@ -49,7 +49,7 @@ class Plan:
     run: dict[str, int]
     slots: tuple[Quantity, ...]
     state: tuple[str, ...]
-    declared: tuple[Module, ...] = ()
+    declared: tuple[ModuleSpec, ...] = ()
     merged: tuple[tuple[str, str], ...] = ()
     removed: tuple[str, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False)
@@ -75,7 +75,7 @@ class Plan:
         """Names of the modules that run at step ``t``."""
         return frozenset(lbl for lbl in self.run if self.runs(lbl, t))
 
-    def module(self, name: str) -> Module:
+    def module(self, name: str) -> ModuleSpec:
         for m in self.modules:
             if m.label == name:
                 return m

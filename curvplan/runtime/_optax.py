@@ -8,7 +8,7 @@ import optax
 
 from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
-from curvplan.ir._module import Module
+from curvplan.ir._module import ModuleSpec
 from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
 from curvplan.planner import Plan, compile_plan
 from curvplan.runtime._checks import check_batch, check_params, check_state_matches, check_state_type
@@ -22,7 +22,7 @@ class OptaxPlanState(NamedTuple):
 
 
 def as_optax(
-    plan: Plan | Sequence[Module],
+    plan: Plan | Sequence[ModuleSpec],
     loss_fn: Callable | None = None,
     *,
     model_fn: Callable | None = None,

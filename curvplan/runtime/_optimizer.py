@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
-from curvplan.ir._module import Module
+from curvplan.ir._module import ModuleSpec
 from curvplan.lowering import LoweredPlan, Objective, PlanState, StepInfo, lower_plan
 from curvplan.planner import Plan
 from curvplan.runtime._checks import as_plan, check_batch, check_params, check_state_matches, check_state_type
@@ -41,7 +41,7 @@ class Optimizer:
 
     def __init__(
         self,
-        plan: Plan | Sequence[Module],
+        plan: Plan | Sequence[ModuleSpec],
         loss_fn: Callable | None = None,
         *,
         model_fn: Callable | None = None,

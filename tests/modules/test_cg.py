@@ -14,6 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from curvplan.modules import conjugate_gradient
+from curvplan.modules.solvers import CG_RESULTS
 from helpers import cg_iterations
 
 
@@ -83,16 +84,16 @@ def test_spd_matches_numpy_solve(n, cond):
     # so maxiter comes from the condition-number bound, which holds in floating point too, not from n.
     maxiter = cg_iterations(np.linalg.cond(A), 1e-10)
     res = jcg(A, b, tol=1e-10, maxiter=maxiter)
-    assert res.x.dtype == jnp.float64
-    assert bool(res.converged), (int(res.iterations), float(res.residual))
-    assert not bool(res.negative_curvature)
-    assert 1 <= int(res.iterations) <= maxiter
+    assert res.value.dtype == jnp.float64
+    assert bool(res.result == CG_RESULTS.successful), (int(res.stats["num_steps"]), float(res.stats["residual"]))
+    assert not bool(res.result == CG_RESULTS.negative_curvature)
+    assert 1 <= int(res.stats["num_steps"]) <= maxiter
     # The reported residual is the (recursive) relative residual; the true one must agree closely.
-    true_rel = np.linalg.norm(b - A @ np.asarray(res.x)) / np.linalg.norm(b)
-    assert float(res.residual) <= 1e-10
+    true_rel = np.linalg.norm(b - A @ np.asarray(res.value)) / np.linalg.norm(b)
+    assert float(res.stats["residual"]) <= 1e-10
     assert true_rel <= 1e-9
     # ‖x − x*‖/‖x*‖ <= κ · ‖r‖/‖b‖.
-    assert rel_err(res.x, ref) <= cond * true_rel + 1e-12
+    assert rel_err(res.value, ref) <= cond * true_rel + 1e-12
 
 
 def test_pytree_rhs_matches_numpy_solve():
@@ -104,23 +105,23 @@ def test_pytree_rhs_matches_numpy_solve():
     Aj = jnp.asarray(A)
     matvec = lambda v: unravel(Aj @ ravel_pytree(v)[0])  # noqa: E731
     res = conjugate_gradient(matvec, b_tree, tol=1e-10, maxiter=5 * n)
-    assert jax.tree.structure(res.x) == jax.tree.structure(b_tree)
-    assert {k: v.shape for k, v in res.x.items()} == {"w": (3, 4), "c": (5,)}
+    assert jax.tree.structure(res.value) == jax.tree.structure(b_tree)
+    assert {k: v.shape for k, v in res.value.items()} == {"w": (3, 4), "c": (5,)}
     ref = np.linalg.solve(A, np.asarray(b_flat))
-    x_flat = np.asarray(ravel_pytree(res.x)[0])
-    assert bool(res.converged)
+    x_flat = np.asarray(ravel_pytree(res.value)[0])
+    assert bool(res.result == CG_RESULTS.successful)
     assert rel_err(x_flat, ref) <= 1e-7
     # Also under jit (as the runtime calls it).
     res_j = jax.jit(lambda bt: conjugate_gradient(matvec, bt, tol=1e-10, maxiter=5 * n))(b_tree)
-    np.testing.assert_allclose(np.asarray(ravel_pytree(res_j.x)[0]), x_flat, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(res_j.value)[0]), x_flat, rtol=0, atol=1e-12)
 
 
 def test_jit_and_eager_agree_and_doc_example():
     A = np.array([[4.0, 1.0], [1.0, 3.0]])
     b = np.array([1.0, 2.0])
     res = jcg(A, b, tol=1e-12, maxiter=2)
-    np.testing.assert_allclose(np.asarray(res.x), np.linalg.solve(A, b), atol=1e-14)
-    assert int(res.iterations) == 2
+    np.testing.assert_allclose(np.asarray(res.value), np.linalg.solve(A, b), atol=1e-14)
+    assert int(res.stats["num_steps"]) == 2
 
 
 # -- indefinite systems: Steihaug termination -----------------------------------------------------------
@@ -130,17 +131,17 @@ def test_negative_curvature_on_first_direction_returns_b():
     b = np.array([1.0, 0.1, 0.1, 0.1, 0.1])
     assert b @ A @ b < 0
     res = jcg(A, b, tol=1e-10, maxiter=5)
-    assert bool(res.negative_curvature)
-    assert not bool(res.converged)
-    assert int(res.iterations) == 0
-    np.testing.assert_array_equal(np.asarray(res.x), b)
+    assert bool(res.result == CG_RESULTS.negative_curvature)
+    assert not bool(res.result == CG_RESULTS.successful)
+    assert int(res.stats["num_steps"]) == 0
+    np.testing.assert_array_equal(np.asarray(res.value), b)
     # Same with an exactly-zero-curvature first direction (pᵀAp = 0 must also stop, not divide by ~0).
     A0 = np.diag([-1.0, 1.0, 1.0, 1.0, 1.0])
     b0 = np.array([2.0, 1.0, 1.0, 1.0, 1.0])
     assert b0 @ A0 @ b0 == 0
     res0 = jcg(A0, b0, tol=1e-10, maxiter=5)
-    assert bool(res0.negative_curvature) and int(res0.iterations) == 0
-    np.testing.assert_array_equal(np.asarray(res0.x), b0)
+    assert bool(res0.result == CG_RESULTS.negative_curvature) and int(res0.stats["num_steps"]) == 0
+    np.testing.assert_array_equal(np.asarray(res0.value), b0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -157,10 +158,10 @@ def test_negative_curvature_later_returns_last_safe_iterate(seed):
     # With A-conjugate directions spanning the whole space, Sylvester's inertia forces some pᵀAp < 0.
     assert ref_neg and ref_k >= 1
     res = jcg(A, b, tol=1e-10, maxiter=n)
-    assert bool(res.negative_curvature)
-    assert not bool(res.converged)
-    assert int(res.iterations) == ref_k
-    x = np.asarray(res.x)
+    assert bool(res.result == CG_RESULTS.negative_curvature)
+    assert not bool(res.result == CG_RESULTS.successful)
+    assert int(res.stats["num_steps"]) == ref_k
+    x = np.asarray(res.value)
     assert np.all(np.isfinite(x))
     np.testing.assert_allclose(x, ref_x, rtol=0, atol=1e-9 * np.linalg.norm(ref_x))
     # The returned point is the last safe iterate, not the blown-up step a division by max(pᵀAp, eps)
@@ -175,8 +176,8 @@ def test_negative_curvature_output_finite_under_jit():
         jnp.asarray(b))
     ref_x, ref_k, ref_neg = numpy_cg(A, b, maxiter=3)
     assert ref_neg and ref_k == 1
-    assert bool(res.negative_curvature) and int(res.iterations) == 1
-    np.testing.assert_allclose(np.asarray(res.x), ref_x, atol=1e-14)
+    assert bool(res.result == CG_RESULTS.negative_curvature) and int(res.stats["num_steps"]) == 1
+    np.testing.assert_allclose(np.asarray(res.value), ref_x, atol=1e-14)
 
 
 # -- warm start, maxiter, finite termination ------------------------------------------------------------
@@ -187,15 +188,15 @@ def test_warm_start_from_solution_takes_zero_iterations():
     b = rs.randn(n)
     x_star = np.linalg.solve(A, b)
     res = jcg(A, b, x0=jnp.asarray(x_star), tol=1e-10, maxiter=n)
-    assert int(res.iterations) == 0
-    assert bool(res.converged)
-    np.testing.assert_array_equal(np.asarray(res.x), x_star)
+    assert int(res.stats["num_steps"]) == 0
+    assert bool(res.result == CG_RESULTS.successful)
+    np.testing.assert_array_equal(np.asarray(res.value), x_star)
     # A warm start near (not at) the solution still converges to it, in fewer steps than a cold start.
     cold = jcg(A, b, tol=1e-10, maxiter=5 * n)
     warm = jcg(A, b, x0=jnp.asarray(x_star + 1e-6 * rs.randn(n)), tol=1e-10, maxiter=5 * n)
-    assert bool(cold.converged)
-    assert bool(warm.converged) and int(warm.iterations) < int(cold.iterations)
-    assert rel_err(warm.x, x_star) <= 1e-8
+    assert bool(cold.result == CG_RESULTS.successful)
+    assert bool(warm.result == CG_RESULTS.successful) and int(warm.stats["num_steps"]) < int(cold.stats["num_steps"])
+    assert rel_err(warm.value, x_star) <= 1e-8
 
 
 @pytest.mark.parametrize("maxiter", [1, 3, 7])
@@ -205,12 +206,12 @@ def test_maxiter_is_respected(maxiter):
     A = spd(rs, n, 1e3)
     b = rs.randn(n)
     res = jcg(A, b, tol=1e-14, maxiter=maxiter)
-    assert int(res.iterations) == maxiter
-    assert not bool(res.converged)
+    assert int(res.stats["num_steps"]) == maxiter
+    assert not bool(res.result == CG_RESULTS.successful)
     ref_x, ref_k, _ = numpy_cg(A, b, maxiter=maxiter)
-    np.testing.assert_allclose(np.asarray(res.x), ref_x, rtol=0, atol=1e-10 * np.linalg.norm(ref_x))
-    true_rel = np.linalg.norm(b - A @ np.asarray(res.x)) / np.linalg.norm(b)
-    np.testing.assert_allclose(float(res.residual), true_rel, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(res.value), ref_x, rtol=0, atol=1e-10 * np.linalg.norm(ref_x))
+    true_rel = np.linalg.norm(b - A @ np.asarray(res.value)) / np.linalg.norm(b)
+    np.testing.assert_allclose(float(res.stats["residual"]), true_rel, rtol=1e-6)
 
 
 def test_k_distinct_eigenvalues_converge_in_k_iterations():
@@ -220,11 +221,11 @@ def test_k_distinct_eigenvalues_converge_in_k_iterations():
     A = spd_with_spectrum(rs, np.repeat([1.0, 3.0, 10.0, 30.0], n // k))
     b = rs.randn(n)
     res = jcg(A, b, tol=1e-8, maxiter=n)
-    assert bool(res.converged)
-    assert int(res.iterations) <= k
-    assert rel_err(res.x, np.linalg.solve(A, b)) <= 1e-7
+    assert bool(res.result == CG_RESULTS.successful)
+    assert int(res.stats["num_steps"]) <= k
+    assert rel_err(res.value, np.linalg.solve(A, b)) <= 1e-7
     # ...and it genuinely needs the k-th step (the bound is not vacuous).
-    assert not bool(jcg(A, b, tol=1e-8, maxiter=k - 1).converged)
+    assert not bool(jcg(A, b, tol=1e-8, maxiter=k - 1).result == CG_RESULTS.successful)
 
 
 # -- preconditioning and stabilisation ------------------------------------------------------------------
@@ -238,15 +239,15 @@ def test_preconditioned_cg_with_exact_diagonal_matches_numpy(n):
     ref = np.linalg.solve(A, b)
     diag_inv = jnp.asarray(1.0 / np.diag(A))
     pcg = jcg(A, b, tol=1e-10, maxiter=n, precond=lambda r: diag_inv * r)
-    assert bool(pcg.converged)
-    assert np.linalg.norm(b - A @ np.asarray(pcg.x)) / np.linalg.norm(b) <= 1e-9
-    assert rel_err(pcg.x, ref) <= np.linalg.cond(A) * 1e-9
+    assert bool(pcg.result == CG_RESULTS.successful)
+    assert np.linalg.norm(b - A @ np.asarray(pcg.value)) / np.linalg.norm(b) <= 1e-9
+    assert rel_err(pcg.value, ref) <= np.linalg.cond(A) * 1e-9
     # The preconditioned iterates are those of textbook PCG (a few steps, before rounding drifts them).
     ref3, _, _ = numpy_cg(A, b, maxiter=3, M_inv=1.0 / np.diag(A))
     pcg3 = jcg(A, b, tol=1e-14, maxiter=3, precond=lambda r: diag_inv * r)
-    np.testing.assert_allclose(np.asarray(pcg3.x), ref3, rtol=0, atol=1e-9 * np.linalg.norm(ref3))
+    np.testing.assert_allclose(np.asarray(pcg3.value), ref3, rtol=0, atol=1e-9 * np.linalg.norm(ref3))
     plain3 = jcg(A, b, tol=1e-14, maxiter=3)
-    assert np.abs(np.asarray(plain3.x) - ref3).max() > 1e-6  # the preconditioner really changes the path
+    assert np.abs(np.asarray(plain3.value) - ref3).max() > 1e-6  # the preconditioner really changes the path
 
 
 @pytest.mark.parametrize("every", [1, 4, 10])
@@ -258,15 +259,15 @@ def test_stabilise_every_gives_same_solution(every):
     ref = np.linalg.solve(A, b)
     plain = jcg(A, b, tol=1e-10, maxiter=20 * n)
     stab = jcg(A, b, tol=1e-10, maxiter=20 * n, stabilise_every=every)
-    assert bool(plain.converged) and bool(stab.converged)
+    assert int(plain.result) == int(stab.result) == CG_RESULTS.successful
     for res in (plain, stab):
-        assert np.linalg.norm(b - A @ np.asarray(res.x)) / np.linalg.norm(b) <= 1e-9
-        assert rel_err(res.x, ref) <= 10 * 1e-9
-    np.testing.assert_allclose(np.asarray(stab.x), np.asarray(plain.x), rtol=0,
+        assert np.linalg.norm(b - A @ np.asarray(res.value)) / np.linalg.norm(b) <= 1e-9
+        assert rel_err(res.value, ref) <= 10 * 1e-9
+    np.testing.assert_allclose(np.asarray(stab.value), np.asarray(plain.value), rtol=0,
                                atol=1e-7 * np.linalg.norm(ref))
     if every == 1:
         # Restarting every iteration is steepest descent: far slower than CG on this system.
-        assert int(stab.iterations) > int(plain.iterations)
+        assert int(stab.stats["num_steps"]) > int(plain.stats["num_steps"])
 
 
 def test_preconditioned_negative_curvature_on_first_direction_returns_p0():
@@ -275,5 +276,5 @@ def test_preconditioned_negative_curvature_on_first_direction_returns_p0():
     m_inv = np.array([1.0, 0.5, 0.25, 2.0, 4.0])  # p₀ = M⁻¹b, and p₀ᵀAp₀ < 0
     assert (m_inv * b) @ A @ (m_inv * b) < 0
     res = jcg(A, b, tol=1e-10, maxiter=5, precond=lambda r: jnp.asarray(m_inv) * r)
-    assert bool(res.negative_curvature) and int(res.iterations) == 0
-    np.testing.assert_array_equal(np.asarray(res.x), m_inv * b)
+    assert bool(res.result == CG_RESULTS.negative_curvature) and int(res.stats["num_steps"]) == 0
+    np.testing.assert_array_equal(np.asarray(res.value), m_inv * b)

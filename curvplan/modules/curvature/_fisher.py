@@ -10,13 +10,7 @@ from curvplan.ir._errors import LoweringError
 from curvplan.modules._base import Module
 from curvplan.modules.curvature._operators import curv_op
 
-
-def model_lin():
-    """``%model_lin``: the model linearized on the batch (outputs, targets, jvp, vjp, per-example residual).
-
-    Produced by the ``linearize_model`` provider; the row-space (Woodbury) solvers consume it.
-    """
-    return q.quantity("model_lin")
+model_lin = q.model_lin
 
 
 class EmpiricalFisher(Module):
@@ -31,7 +25,6 @@ class EmpiricalFisher(Module):
     """
 
     kind: Literal["empirical_fisher"] = "empirical_fisher"
-    cost = 0.0
 
     def consumes(self):
         return (fresh(q.fisher_op("empirical")),)
@@ -55,7 +48,6 @@ class SampledFisher(Module):
     """
 
     kind: Literal["sampled_fisher"] = "sampled_fisher"
-    cost = 0.0
 
     def consumes(self):
         return (fresh(q.fisher_op("sampled")), fresh(q.rng()))

@@ -6,10 +6,7 @@ from curvplan.ir import fresh
 from curvplan.ir import quantities as q
 from curvplan.modules._base import Module
 
-
-def curv_op():
-    """The curvature operator v -> C v that estimators and solvers consume."""
-    return q.quantity("curv_op")
+curv_op = q.curv_op
 
 
 class Hessian(Module):
@@ -21,16 +18,15 @@ class Hessian(Module):
     """
 
     kind: Literal["hessian"] = "hessian"
-    cost = 0.0
 
     def consumes(self):
-        return (fresh(q.hvp_op("hessian")),)
+        return {"hvp": fresh(q.hvp_op("hessian"))}
 
     def produces(self):
-        return (curv_op(),)
+        return {"op": curv_op()}
 
     def apply(self, inputs, state, ctx):
-        return {curv_op(): inputs[q.hvp_op("hessian")]}, state
+        return {"op": inputs.hvp}, state
 
 
 class GGN(Module):
@@ -41,13 +37,12 @@ class GGN(Module):
 
     kind: Literal["ggn"] = "ggn"
     loss: Literal["mse", "ce"] = "ce"
-    cost = 0.0
 
     def consumes(self):
-        return (fresh(q.ggn_op(self.loss)),)
+        return {"ggn": fresh(q.ggn_op(self.loss))}
 
     def produces(self):
-        return (curv_op(),)
+        return {"op": curv_op()}
 
     def apply(self, inputs, state, ctx):
-        return {curv_op(): inputs[q.ggn_op(self.loss)]}, state
+        return {"op": inputs.ggn}, state

@@ -19,13 +19,12 @@ class ConstantDamping(Module):
 
     kind: Literal["constant_damping"] = "constant_damping"
     lam: float = Field(1.0, ge=0.0)
-    cost = 0.0
 
     def produces(self):
-        return (q.lam(),)
+        return {"lam": q.lam()}
 
-    def init_carried(self, quantity, params, ctx):
+    def init_carried(self, name, params, ctx):
         return jnp.asarray(self.lam, jnp.result_type(float))
 
     def apply(self, inputs, state, ctx):
-        return {q.lam(): jnp.asarray(self.lam, jnp.result_type(float))}, state
+        return {"lam": jnp.asarray(self.lam, jnp.result_type(float))}, state

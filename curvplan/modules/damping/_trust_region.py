@@ -30,7 +30,6 @@ class GainRatio(Module):
     kind: Literal["gain_ratio"] = "gain_ratio"
     include_lambda: bool = True
     """Include ½λ‖δ‖² in the predicted decrease (Somax); kfac-jax leaves it out."""
-    cost = 1.4
     sink = True  # its telemetry is wanted even when no damping module reads %rho
     info_fields = (("loss_after", "float"), ("pred_decrease", "float"), ("act_decrease", "float"),
                    ("rho", "float"))
@@ -87,8 +86,6 @@ class TrustRegionDamping(Module):
     decrease: float = Field(0.5, gt=0.0, lt=1.0)
     lam_min: float = Field(1e-12, gt=0)
     lam_max: float = Field(1e6, gt=0)
-    cost = 0.0
-    state_fields = ("lam", "updates")
     info_fields = (("lambda_next", "float"),)
 
     @model_validator(mode="after")

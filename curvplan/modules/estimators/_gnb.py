@@ -28,7 +28,6 @@ class GNBDiag(Module):
 
     kind: Literal["gnb_diag"] = "gnb_diag"
     samples: int = Field(1, ge=1)
-    cost = 0.5
     info_fields = (("gnb_samples", "int"),)
 
     def consumes(self):

@@ -30,7 +30,6 @@ class HutchinsonDiag(Module):
 
     kind: Literal["hutchinson_diag"] = "hutchinson_diag"
     probes: int = Field(1, ge=1)
-    cost = 1.0
 
     def consumes(self):
         return (fresh(curv_op()), fresh(q.rng()))

@@ -85,7 +85,6 @@ class Lanczos(Module):
     iters: int = Field(20, ge=1)
     k: int = Field(1, ge=1)
     which: Literal["largest", "smallest", "both"] = "both"
-    cost = 2.0
     sink = True  # telemetry: runs even when nothing reads the estimates
     info_fields = (("eig_max", "float"), ("eig_min", "float"), ("lanczos_iters", "int"))
 

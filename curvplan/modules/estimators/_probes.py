@@ -44,7 +44,6 @@ class HutchinsonProbes(Module):
 
     kind: Literal["hutchinson_probes"] = "hutchinson_probes"
     probes: int = Field(1, ge=1)
-    cost = 1.0
     info_fields = (("hutchinson_probes", "int"),)
 
     def consumes(self):
@@ -74,7 +73,6 @@ class ProbeDiag(Module):
 
     kind: Literal["probe_diag"] = "probe_diag"
     probes: int = Field(1, ge=1)
-    cost = 0.0
 
     def consumes(self):
         return (fresh(probes(self.probes)),)
@@ -101,7 +99,6 @@ class HutchinsonTrace(Module):
 
     kind: Literal["hutchinson_trace"] = "hutchinson_trace"
     probes: int = Field(1, ge=1)
-    cost = 0.0
     sink = True  # telemetry: runs even when nothing reads the trace
     info_fields = (("trace", "float"), ("trace_stderr", "float"))
 

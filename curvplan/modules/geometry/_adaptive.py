@@ -138,8 +138,6 @@ class SchattenCriterion(Module):
     init_p: float = Field(1e30, ge=1.0)
     """p before the first refresh (≥ 1e30 means ∞)."""
     report_layers: tuple[str, ...] = ()
-    cost = 0.1
-    state_fields = ("sg", "sa", "count", "failures")
 
     @property
     def info_fields(self):  # type: ignore[override]
@@ -262,8 +260,6 @@ class SchattenDirection(Module):
     vectors: Literal["same", "adam"] = "same"
     adam_b1: float = Field(0.9, ge=0.0, lt=1.0)
     shape_scale: bool = True
-    cost = 0.1
-    state_fields = ("count", "m", "v", "adam_m")
 
     def consumes(self):
         uses = (fresh(q.grad()),)

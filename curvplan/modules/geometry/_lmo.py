@@ -74,8 +74,6 @@ class LMODirection(Module):
     normalized: bool = True
     ns: Literal["standard", "polar_express", "exact"] = "standard"
     ns_steps: int = Field(5, ge=1)
-    cost = 0.05
-    state_fields = ("m",)
 
     def consumes(self):
         return (fresh(q.grad()),) + ((fresh(q.params()),) if self.constrained else ())

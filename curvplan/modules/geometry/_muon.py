@@ -78,8 +78,6 @@ class MuonDirection(Module):
     """AdamW's learning rate divided by Muon's (the tail applies Muon's)."""
     adam_keys: tuple[str, ...] = ()
     param_labels: Callable[[Any], Any] | None = None
-    cost = 0.1
-    state_fields = ("count", "mu", "adam_mu", "adam_nu")
 
     @field_serializer("param_labels")
     def _labels(self, f):

@@ -10,10 +10,7 @@ from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
 from curvplan.modules._base import Module
 
-
-def precond_diag():
-    """The bias-corrected diagonal EMA ``%precond.diag`` (carried between refreshes)."""
-    return q.quantity("precond", "diag")
+precond_diag = q.precond_diag
 
 
 class DiagEMAState(NamedTuple):
@@ -33,8 +30,6 @@ class DiagEMA(Module):
     mode: Literal["sophia", "adahessian"] = "sophia"
     estimate: tuple[tuple[str, int | str], ...] = (("est", "hutchinson"), ("probes", 1))
     """Attributes of the ``%diag.curvature`` quantity to average."""
-    cost = 0.0
-    state_fields = ("v", "count")
 
     def consumes(self):
         return (fresh(q.diag("curvature", **dict(self.estimate))),)
@@ -67,8 +62,6 @@ class DiagonalDirection(Module):
     gamma: float = Field(0.01, gt=0)
     power: float = Field(1.0, gt=0)
     eps: float = Field(1e-8, gt=0)
-    cost = 0.0
-    state_fields = ("m", "count")
 
     def consumes(self):
         return (fresh(q.grad()), carried(precond_diag()))

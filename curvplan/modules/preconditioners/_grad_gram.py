@@ -148,8 +148,6 @@ class GradGram(Module):
     init_scale: float = Field(0.0, ge=0.0)
     block_size: int | None = Field(None, ge=1)
     max_dim: int = Field(4096, ge=1)
-    cost = 0.1
-    state_fields = ("factors", "count")
 
     @property
     def spec(self) -> Spec:
@@ -266,8 +264,6 @@ class GramEigbasis(GramConsumer):
     kind: Literal["gram_eigbasis"] = "gram_eigbasis"
     gram: Spec = GradGram().spec
     method: Literal["eigh", "power_qr"] = "eigh"
-    cost = 0.5
-    state_fields = ("failures",)
     info_fields = (("eig_failures", "int"),)
 
     def consumes(self):

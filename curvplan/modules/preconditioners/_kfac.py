@@ -198,9 +198,7 @@ class KFACFactors(Module):
     out_axis: Literal[-1, 0] = -1
     stacked: tuple[str, ...] = ()
     """Key prefixes of stacked layers' leaves (leading axis = the stack; see the module doc)."""
-    cost = 0.2
     sink = True  # the averages must see every step's statistics, whether or not a refresh reads them
-    state_fields = ("sums", "weight")
 
     def consumes(self):
         return (fresh(q.activations()), fresh(q.out_cotangents(labels=self.labels)))
@@ -284,8 +282,6 @@ class KFACInverse(Module):
     out_axis: Literal[-1, 0] = -1
     stacked: tuple[str, ...] = ()
     pi_damping: float | None = Field(None, gt=0)
-    cost = 0.5
-    state_fields = ("failures",)
     info_fields = (("kfac_inverse_failures", "int"),)
 
     def _out(self):
@@ -366,7 +362,6 @@ class KFACDirection(Module):
     out_axis: Literal[-1, 0] = -1
     stacked: tuple[str, ...] = ()
     adaptive: bool = False
-    cost = 0.1
     info_fields = (("kfac_layers", "int"), ("kfac_fallback_leaves", "int"))
 
     @property

@@ -106,8 +106,6 @@ class ScaoSpectrum(GramConsumer):
     k_max: int = Field(128, ge=1)
     tikhonov: float = Field(1e-4, ge=0)
     tikhonov_min: float = Field(1e-8, ge=0)
-    cost = 0.01
-    state_fields = ("rank",)
     info_fields = (("scao_mean_rank", "float"),)
 
     def consumes(self):
@@ -178,7 +176,6 @@ class ScaoPrecondition(GramConsumer):
     kind: Literal["scao_precondition"] = "scao_precondition"
     gram: Spec = _SCAO_GRAM
     clip: float | None = Field(1.0, gt=0)
-    cost = 0.05
 
     def consumes(self):
         return (fresh(q.grad()), carried(self._basis()), carried(scao_spectrum(self.gram)))
@@ -222,7 +219,6 @@ class ScaoBlend(Module):
     kind: Literal["scao_blend"] = "scao_blend"
     begin: int = Field(..., ge=0)
     steps: int = Field(..., ge=1)
-    cost = 0.0
 
     @model_validator(mode="after")
     def _cadence(self):
@@ -276,8 +272,6 @@ class ScaoAdam(Module):
     grad_noise_decay: float = Field(0.998, gt=0, le=1)
     lars: float | None = Field(None, gt=0)
     lars_weight_decay: float = Field(0.0, ge=0)
-    cost = 0.0
-    state_fields = ("m", "v")
 
     def consumes(self):
         uses = [fresh(q.grad()), carried(q.direction("scao_pre"))]

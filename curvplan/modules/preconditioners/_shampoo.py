@@ -87,8 +87,6 @@ class Shampoo(GramConsumer):
     graft: Literal["none", "sgd", "adagrad", "adam"] = "adagrad"
     graft_beta2: float = Field(0.999, ge=0, lt=1)
     graft_eps: float = Field(1e-10, gt=0)
-    cost = 0.1
-    state_fields = ("roots", "graft")
     info_fields = (("shampoo_root_failures", "int"), ("shampoo_fallback_leaves", "int"))
 
     def consumes(self):

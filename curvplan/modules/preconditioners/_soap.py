@@ -71,8 +71,6 @@ class Soap(GramConsumer):
     eps: float = Field(1e-8, gt=0)
     moments: Literal["rotate", "keep"] = "rotate"
     correct_bias: bool = True
-    cost = 0.1
-    state_fields = ("m", "v")
 
     def consumes(self):
         return (fresh(q.grad()), carried(self._basis()))

@@ -53,7 +53,6 @@ class SpatialAverage(Module):
     estimate: tuple[tuple[str, int | str], ...] = (("est", "hutchinson"), ("probes", 1))
     absolute: bool = True
     dense_inputs: bool = False
-    cost = 0.0
 
     def consumes(self):
         return (fresh(q.diag("curvature", **dict(self.estimate))),)

@@ -43,7 +43,6 @@ class DenseDirect(Module):
     kind: Literal["dense_direct"] = "dense_direct"
     method: Literal["solve", "eigh"] = "solve"
     max_params: int = Field(4096, ge=1)
-    cost = 0.0
     info_fields = (("direct_eig_min", "float"), ("direct_eig_max", "float"), ("lambda", "float"))
 
     def consumes(self):
@@ -87,7 +86,6 @@ class DiagonalSolve(Module):
 
     kind: Literal["diagonal_solve"] = "diagonal_solve"
     eps: float = Field(1e-8, ge=0.0)
-    cost = 0.0
 
     def consumes(self):
         return (fresh(q.grad()), carried(precond_diag()), carried(q.lam()))
@@ -110,7 +108,6 @@ class IdentitySolve(Module):
     """
 
     kind: Literal["identity_solve"] = "identity_solve"
-    cost = 0.0
 
     def consumes(self):
         return (fresh(q.grad()),)

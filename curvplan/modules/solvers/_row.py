@@ -26,7 +26,7 @@ from curvplan.ir._errors import LoweringError
 from curvplan.modules import _linalg
 from curvplan.modules._base import Module
 from curvplan.modules.curvature._fisher import model_lin
-from curvplan.modules.solvers._cg import conjugate_gradient
+from curvplan.modules.solvers._cg import CG_RESULTS, conjugate_gradient
 
 _HI = _linalg.HIGHEST
 
@@ -91,7 +91,6 @@ class RowSpace(Module):
     jitter: float = Field(0.0, ge=0)
     tol: float = Field(1e-5, gt=0)
     maxiter: int = Field(20, ge=1)
-    cost = 0.5
     info_fields = (("row_dim", "int"), ("row_cg_iters", "int"), ("row_cg_residual", "float"),
                    ("row_cg_converged", "bool"), ("lambda", "float"))
 
@@ -123,10 +122,10 @@ class RowSpace(Module):
         else:
             res = conjugate_gradient(lambda u: apply(apply_t(u)) + mu * u, rt, tol=self.tol,
                                      maxiter=self.maxiter)
-            s = apply_t(res.x)
-            ctx.report("row_cg_iters", res.iterations)
-            ctx.report("row_cg_residual", res.residual)
-            ctx.report("row_cg_converged", res.converged)
+            s = apply_t(res.value)
+            ctx.report("row_cg_iters", res.stats["num_steps"])
+            ctx.report("row_cg_residual", res.stats["residual"])
+            ctx.report("row_cg_converged", res.result == CG_RESULTS.successful)
         ctx.report("row_dim", jnp.asarray(m, jnp.int32))
         ctx.report("lambda", lam)
         return {q.direction("newton"): s}, state

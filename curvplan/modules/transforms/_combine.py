@@ -26,7 +26,6 @@ class Combine(Module):
     weights: tuple[float, ...] | None = None
     """Default: equal weights summing to one."""
     target: str = "mix"
-    cost = 0.0
 
     @model_validator(mode="after")
     def _check(self):

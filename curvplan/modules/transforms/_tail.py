@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import optax
 from pydantic import ConfigDict, Field
@@ -8,6 +8,12 @@ from pydantic import ConfigDict, Field
 from curvplan.ir import Hyperparameter, fresh
 from curvplan.ir import quantities as q
 from curvplan.modules._base import Module
+
+
+class UpdateTailState(NamedTuple):
+    """The state of the optax chain (momentum trace, schedule count)."""
+
+    chain: Any
 
 
 class UpdateTail(Module):
@@ -35,14 +41,12 @@ class UpdateTail(Module):
     nesterov: bool = False
     weight_decay: Hyperparameter(ge=0) = 0.0
     clip_norm: float | None = Field(None, gt=0)
-    cost = 0.0
-    state_fields = ("opt_state",)
 
     def consumes(self):
-        return (fresh(q.direction(self.source)), fresh(q.params()))
+        return {"direction": fresh(q.direction(self.source)), "params": fresh(q.params())}
 
     def produces(self):
-        return (q.update(),)
+        return {"update": q.update()}
 
     def transform(self) -> optax.GradientTransformation:
         parts = []
@@ -55,9 +59,9 @@ class UpdateTail(Module):
         parts.append(optax.scale_by_learning_rate(self.learning_rate))
         return optax.chain(*parts)
 
-    def init(self, params, ctx):
-        return self.transform().init(params)
+    def init(self, params, ctx) -> UpdateTailState:
+        return UpdateTailState(self.transform().init(params))
 
-    def apply(self, inputs, state, ctx):
-        updates, state = self.transform().update(inputs[q.direction(self.source)], state, inputs[q.params()])
-        return {q.update(): updates}, state
+    def apply(self, inputs, state: UpdateTailState, ctx):
+        updates, chain = self.transform().update(inputs.direction, state.chain, inputs.params)
+        return {"update": updates}, UpdateTailState(chain)
