@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Two workers, each test file on one of them (module-scoped fixtures such as x64 stay within a file).
 PYTEST_FLAGS ?= -n 2 --dist loadfile
 
-.PHONY: demo examples test test-newest docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
+.PHONY: demo examples test test-newest lint docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ $(VENV)/.demo: $(VENV)/.core
 
 $(VENV)/.examples: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[examples]"
+	touch $@
+
+$(VENV)/.lint: $(VENV)/.core
+	$(BIN)/pip install -q -e ".[lint]"
 	touch $@
 
 $(VENV)/.docs: $(VENV)/.core
@@ -82,6 +86,10 @@ examples: $(VENV)/.examples
 	@for f in examples/flax_nnx.py examples/equinox_mlp.py examples/grad_accumulation.py examples/char_lm.py \
 	  examples/least_squares.py examples/orbax_checkpoint.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
+# Static checks: ruff's pyflakes / pycodestyle / import-order / bugbear / pyupgrade rules (pyproject.toml).
+lint: $(VENV)/.lint
+	$(BIN)/ruff check curvplan tests benchmarks examples docs
+
 # The API reference (mkdocs + mkdocstrings) into build/site; strict: a docstring that does not parse fails.
 docs: $(VENV)/.docs
 	$(BIN)/mkdocs build --strict
@@ -94,7 +102,7 @@ fashion-mnist:
 	    echo "note: dataset-fashion-mnist could not be installed; W2 is skipped"; \
 	  else echo "note: install Fashion-MNIST with: sudo apt-get install dataset-fashion-mnist"; fi; }
 
-# Benchmarks (BENCHMARKS.md). bench-quick: seconds, the smoke subset CI runs (checks the output is well
+# Benchmarks (benchmarks/run.py). bench-quick: seconds, the smoke subset CI runs (checks the output is well
 # formed, never timings). bench: the full suite (minutes), rewrites the README's benchmark section.
 bench-quick: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run quick

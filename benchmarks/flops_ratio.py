@@ -2,7 +2,7 @@
 
     python -m benchmarks.flops_ratio [--every 10] [--batch 256]
 
-Workload: the digits MLP (64-128-128-10 tanh, BENCHMARKS.md W1) with a Hutchinson diagonal of the Hessian
+Workload: the digits MLP (64-128-128-10 tanh, workload W1 in benchmarks/workloads.py) with a Hutchinson diagonal of the Hessian
 refreshed every ``--every`` steps (``cp.presets.adahessian_like``). Planned: each phase program's FLOPs,
 weighted by how often the phase runs. Unplanned: the single program as XLA counts it (a ``lax.cond`` counts
 as its costliest branch), and a lower bound with the guards resolved statically per step.

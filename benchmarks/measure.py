@@ -9,7 +9,7 @@ import platform
 import resource
 import sys
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np

@@ -14,7 +14,8 @@ A `Runner` has ``init(params, key) -> state`` and ``step(params, state, batch, k
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

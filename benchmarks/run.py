@@ -32,8 +32,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks import measure  # noqa: E402
 import curvplan as cp  # noqa: E402
+from benchmarks import measure  # noqa: E402
 from benchmarks.optimizers import ADAMW_LR, METHODS, adamw, curvplan_runner, make_runner  # noqa: E402
 from benchmarks.workloads import WorkloadUnavailable, get_workload  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Benchmark workloads W1-W5 (BENCHMARKS.md): data, model, loss, batches.
+"""Benchmark workloads W1-W5: data, model, loss, batches.
 
 >>> w = get_workload("w4")
 >>> params = w.init(jax.random.key(0))
@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import pathlib
+from collections.abc import Callable, Iterator
 from functools import cached_property
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -7,6 +7,7 @@
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from curvplan.ir import (
     Cadence,
@@ -19,7 +20,20 @@ from curvplan.ir import (
     fresh,
     quantities,
 )
-from curvplan.ir._errors import *  # noqa: F401,F403  (every error class at the top level)
+from curvplan.ir._errors import (
+    AmbiguousProducerError,
+    CadenceError,
+    CheckpointError,
+    ConfigError,
+    CycleError,
+    DuplicateNameError,
+    InputError,
+    LoweringError,
+    MissingProducerError,
+    PeriodError,
+    PlanError,
+    PlanVerifyError,
+)
 from curvplan.planner import Plan, compile_plan
 
 __version__ = "0.1.0"
@@ -27,10 +41,10 @@ __version__ = "0.1.0"
 # The JAX half loads on first use, so that planning, printing and diffing never import JAX.
 _LAZY = {
     "modules": ("curvplan.modules", None),
-    "Module": ("curvplan.modules", "Module"),
     "presets": ("curvplan.modules.presets", None),
     "lowering": ("curvplan.lowering", None),
     "runtime": ("curvplan.runtime", None),
+    "Module": ("curvplan.modules", "Module"),
     "Objective": ("curvplan.lowering", "Objective"),
     "PlanState": ("curvplan.lowering", "PlanState"),
     "StepInfo": ("curvplan.lowering", "StepInfo"),
@@ -43,6 +57,23 @@ _LAZY = {
     "LayerReport": ("curvplan.runtime", "LayerReport"),
     "scao": ("curvplan.runtime", "scao"),
 }
+
+if TYPE_CHECKING:  # the lazy names, visible to type checkers and IDEs
+    from curvplan import lowering, modules, runtime
+    from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
+    from curvplan.modules import Module, presets
+    from curvplan.runtime import LayerReport, Optimizer, as_optax, discover_layers, restore, save, scao
+
+__all__ = [
+    "Cadence", "Error", "ModuleSpec", "PlanDiff", "Quantity", "carried", "diff_plans", "fresh", "quantities",
+    "Plan", "compile_plan", "AmbiguousProducerError", "CadenceError", "CheckpointError", "ConfigError",
+    "CycleError", "DuplicateNameError", "InputError", "LoweringError", "MissingProducerError", "PeriodError",
+    "PlanError", "PlanVerifyError",
+    # lazy (JAX) names, the keys of _LAZY
+    "modules", "presets", "lowering", "runtime", "Module", "Objective", "PlanState", "StepInfo", "lower_plan",
+    "Optimizer", "as_optax", "save", "restore", "discover_layers", "LayerReport", "scao",
+]
+assert set(_LAZY) <= set(__all__)
 
 
 def __getattr__(name):

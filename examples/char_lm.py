@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import ROOT, SHAKESPEARE, parser, progress
 
 import curvplan as cp
-from common import ROOT, SHAKESPEARE, parser, progress
 
 
 def load_text(context: int):

@@ -6,7 +6,7 @@ import argparse
 import pathlib
 import sys
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 

@@ -14,9 +14,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from common import load_digits, minibatches, parser, progress
 
 import curvplan as cp
-from common import load_digits, minibatches, parser, progress
 
 
 def loss_fn(model, x, y):

@@ -10,13 +10,12 @@ state where a logger can read it. Muon needs nothing but the gradient, so `as_op
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
+from common import load_digits, minibatches, parser, progress
 from flax import nnx
 
 import curvplan as cp
-from common import load_digits, minibatches, parser, progress
 
 
 class MLP(nnx.Module):

@@ -17,10 +17,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
+from common import load_digits, minibatches, progress
 
 import curvplan as cp
 from curvplan.examples.digits import init_mlp, loss_fn
-from common import load_digits, minibatches, progress
 
 
 def main(argv=None) -> dict:

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from common import load_digits, minibatches
 
 import curvplan as cp
 from curvplan.examples.digits import init_mlp, mlp
-from common import load_digits, minibatches
 
 
 def make_tx():

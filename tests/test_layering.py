@@ -1,13 +1,21 @@
-"""The layering of DESIGN.md §1, checked statically with `ast` (every import anywhere in a file counts).
+"""The layering of docs/architecture.md §1, checked statically with `ast` (every import anywhere in a file
+counts), one test per arrow:
 
 - `curvplan/ir` and `curvplan/planner` (and the `curvplan.testing` helpers) never import jax, jaxlib or optax;
 - `curvplan/ir` imports no other curvplan subpackage (in particular never `curvplan.planner`);
-- `curvplan/planner` imports only `curvplan.ir` among curvplan subpackages.
+- `curvplan/planner` imports only `curvplan.ir`;
+- `curvplan/modules` imports only `curvplan.ir` (modules never see the planner, lowering or runtime);
+- `curvplan/lowering` imports only `curvplan.ir`, `curvplan.planner` and `curvplan.modules`;
+- `curvplan/runtime` may import every layer;
+- `curvplan/__init__.py` imports only `curvplan.ir` and `curvplan.planner` when it runs (the JAX half is lazy),
+  which a fresh interpreter confirms: `import curvplan` loads no JAX.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +95,38 @@ def test_ir_imports_no_other_curvplan_layer(path):
 def test_planner_imports_only_ir(path):
     bad = [(line, mod) for line, mod in imports(path) if layer_of(mod) not in (None, "ir", "planner")]
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}: curvplan.planner may import only curvplan.ir"
+
+
+ALLOWED = {
+    "modules": {"ir", "modules"},
+    "lowering": {"ir", "planner", "modules", "lowering"},
+    "runtime": {"ir", "planner", "modules", "lowering", "runtime", "examples"},
+}
+
+
+@pytest.mark.parametrize("path", [p for layer in ALLOWED for p in files(layer)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_layer_imports_only_the_layers_below_it(path):
+    layer = path.relative_to(PKG).parts[0]
+    bad = [(line, mod) for line, mod in imports(path) if layer_of(mod) not in {None, *ALLOWED[layer]}]
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}: curvplan.{layer} may import {sorted(ALLOWED[layer])}"
+
+
+def _runtime_imports(path: Path) -> list[tuple[int, str]]:
+    """Imports that run when the file is imported: those under ``if TYPE_CHECKING:`` do not."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    return [(n.lineno, n.module or "") for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and id(n) not in skip]
+
+
+def test_the_package_root_imports_only_the_pure_layers():
+    bad = [(line, mod) for line, mod in _runtime_imports(PKG / "__init__.py")
+           if layer_of(mod) not in (None, "", "ir", "planner")]
+    assert not bad, f"curvplan/__init__.py imports {bad} eagerly; JAX layers belong in _LAZY"
+    code = "import sys, curvplan; print(sorted(m for m in ('jax', 'jaxlib', 'optax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_the_checker_sees_every_kind_of_import(tmp_path):

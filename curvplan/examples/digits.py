@@ -1,4 +1,4 @@
-"""The demo: a planned Gauss-Newton-CG optimizer next to AdamW on the digits MLP (BENCHMARKS.md W1).
+"""The demo: a planned Gauss-Newton-CG optimizer next to AdamW on the digits MLP (benchmark workload W1).
 
 Run with ``make demo`` or ``python -m curvplan.examples.digits [--steps 200] [--plot plan.svg]``.
 Data: scikit-learn's bundled copy of the UCI optical digits (1797 8x8 images; offline).

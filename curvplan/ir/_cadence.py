@@ -17,7 +17,7 @@ True
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,7 +33,7 @@ class Cadence(BaseModel):
     stop: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _normalise(self) -> "Cadence":
+    def _normalise(self) -> Cadence:
         if self.offset >= self.every:
             raise ValueError(f"offset={self.offset} must be smaller than every={self.every}")
         first = self.start + self.offset

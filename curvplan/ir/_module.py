@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Annotated, Any, ClassVar, Literal, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError, model_validator
 
@@ -34,7 +35,7 @@ Freshness = Literal["fresh", "carried"]
 _BASE_FIELDS = frozenset({"kind", "name", "cadence", "tag", "take"})
 _CADENCE_KEYS = ("every", "offset", "start", "stop")
 
-MODULE_KINDS: dict[str, type["ModuleSpec"]] = {}
+MODULE_KINDS: dict[str, type[ModuleSpec]] = {}
 
 
 class Use(NamedTuple):
@@ -136,7 +137,7 @@ class ModuleSpec(BaseModel):
     annotated to return (`state_names`), and lowering checks that ``init`` returns one.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # NaN / ±Inf settings are refused
 
     kind: str
     name: str | None = None
@@ -236,8 +237,15 @@ class ModuleSpec(BaseModel):
     def config(self) -> tuple[tuple[str, Any], ...]:
         """The settings printed as op attributes in plan text: those that differ from their defaults, so a
         changed default shows only where it matters."""
-        dump = self.model_dump(mode="json", exclude_defaults=True)
-        return tuple(sorted((k, _freeze(v)) for k, v in dump.items() if k not in _BASE_FIELDS))
+        dump = self.model_dump(mode="json")  # traced values dump as "<traced>": never compared as arrays
+        out = []
+        for k, field in type(self).model_fields.items():
+            if k in _BASE_FIELDS:
+                continue
+            v = _freeze(dump[k])
+            if field.is_required() or not _plain(field.default) or v != _freeze(field.default):
+                out.append((k, v))
+        return tuple(sorted(out))
 
     def identity(self) -> tuple:
         """Equal identities mean interchangeable modules (dedup merges them)."""
@@ -247,7 +255,15 @@ class ModuleSpec(BaseModel):
         return self.model_dump(mode="json", exclude_defaults=True) | {"kind": self.kind}
 
 
+def _plain(v: Any) -> bool:
+    """A default that compares with ``==`` as its JSON dump does (numbers, strings, None, tuples of them)."""
+    if isinstance(v, (tuple, list)):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
 def _values(decl: Any) -> list:
+    """The values of a declaration (a mapping; anything else is refused by `compile_plan` with a PlanError)."""
     return list(decl.values()) if isinstance(decl, Mapping) else list(decl)
 
 

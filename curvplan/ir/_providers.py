@@ -1,12 +1,13 @@
-"""Provider rules: how the model is turned into base quantities (DESIGN.md §3).
+"""Provider rules: how the model is turned into base quantities (docs/architecture.md §3).
 
 Providers are not listed by the user. For each phase the planner picks the cheapest set of rules whose
 ``provides`` cover what the active modules need. New rules can be registered (the JAX side registers an
 implementation under the same name in `curvplan.lowering`).
 
 >>> from curvplan.ir import PROVIDERS
->>> sorted(PROVIDERS)
-['layer_io', 'layer_io_sampled', 'linearize_grad', 'linearize_model', 'loss_only', 'per_example_grads', 'value_and_grad']
+>>> sorted(PROVIDERS)  # doctest: +NORMALIZE_WHITESPACE
+['layer_io', 'layer_io_sampled', 'linearize_grad', 'linearize_model', 'loss_only', 'per_example_grads',
+ 'value_and_grad']
 >>> PROVIDERS["linearize_grad"].cost
 2.5
 """

@@ -35,7 +35,7 @@ class Quantity:
     """A hash-consed, immutable quantity key. Construct through the helpers in `quantities`."""
 
     __slots__ = ("kind", "subject", "attrs", "scope", "_key", "__weakref__")
-    _cache: ClassVar[dict[tuple, "Quantity"]] = {}
+    _cache: ClassVar[dict[tuple, Quantity]] = {}
 
     kind: str
     subject: str | None
@@ -76,7 +76,7 @@ class Quantity:
     def __eq__(self, other) -> bool:
         return self is other or (isinstance(other, Quantity) and self._key == other._key)
 
-    def __lt__(self, other: "Quantity") -> bool:
+    def __lt__(self, other: Quantity) -> bool:
         return self.sort_key < other.sort_key
 
     @property
@@ -91,13 +91,13 @@ class Quantity:
     def attr(self, key: str, default: Any = None) -> Any:
         return dict(self.attrs).get(key, default)
 
-    def replace(self, **changes: Any) -> "Quantity":
+    def replace(self, **changes: Any) -> Quantity:
         """Returns the quantity with some of kind/subject/attrs/scope changed (``self`` if none change)."""
         fields = dict(kind=self.kind, subject=self.subject, attrs=self.attrs, scope=self.scope)
         fields.update(changes)
         return Quantity(**fields)
 
-    def with_attrs(self, **attrs: Any) -> "Quantity":
+    def with_attrs(self, **attrs: Any) -> Quantity:
         return self.replace(attrs={**dict(self.attrs), **attrs})
 
     @property
@@ -128,7 +128,7 @@ class Quantity:
                 "scope": self.scope}
 
     @staticmethod
-    def from_dict(d: dict) -> "Quantity":
+    def from_dict(d: dict) -> Quantity:
         return Quantity(d["kind"], d.get("subject"), [tuple(a) for a in d.get("attrs", ())], d.get("scope", "all"))
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from curvplan.ir._quantity import Quantity, _fmt
 

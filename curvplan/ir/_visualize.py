@@ -67,7 +67,7 @@ def _op_label(op: Op) -> str:
     return "\n".join(lines)
 
 
-def _cadence(plan: "Plan", op: Op) -> str | None:
+def _cadence(plan: Plan, op: Op) -> str | None:
     if op.role != "module":
         return None
     try:
@@ -76,14 +76,14 @@ def _cadence(plan: "Plan", op: Op) -> str | None:
         return "?"
 
 
-def cadence_colors(plan: "Plan") -> dict[str, str]:
+def cadence_colors(plan: Plan) -> dict[str, str]:
     """Effective cadence (text) -> fill colour, assigned in sorted order of the cadences the plan runs."""
     cads = {_cadence(plan, op) for ph in plan.phases for op in ph.ops}
     cads.discard(None)
     return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(sorted(cads))}
 
 
-def _views(plan: "Plan") -> tuple[list[_PhaseView], dict[Quantity, int], dict[str, str]]:
+def _views(plan: Plan) -> tuple[list[_PhaseView], dict[Quantity, int], dict[str, str]]:
     colors = cadence_colors(plan)
     names = plan.names
     slot_no: dict[Quantity, int] = {q: i for i, q in enumerate(plan.slots)}
@@ -145,11 +145,11 @@ def _attrs(**kw: Any) -> str:
     return "[" + ", ".join(f"{k}={_s(v)}" for k, v in kw.items()) + "]"
 
 
-def _head(plan: "Plan") -> str:
+def _head(plan: Plan) -> str:
     return str(plan).split("\n", 1)[0]
 
 
-def plan_to_dot(plan: "Plan") -> str:
+def plan_to_dot(plan: Plan) -> str:
     """The plan as Graphviz DOT source (deterministic: equal plans give identical text).
 
     One ``cluster_<i>`` per phase, one cylinder per carried slot outside the clusters (dashed edges from
@@ -215,7 +215,7 @@ def plan_to_dot(plan: "Plan") -> str:
 
 
 # -- rendering ----------------------------------------------------------------------------------------------
-def render(plan: "Plan", path: str | Path | None = None, format: str | None = None) -> str:
+def render(plan: Plan, path: str | Path | None = None, format: str | None = None) -> str:
     """Returns the DOT source; with ``path``, also writes the picture there.
 
     The format is ``format`` or ``path``'s suffix: ``svg``, ``png`` or ``dot`` (the source itself).
@@ -332,7 +332,7 @@ def _layout(view: _PhaseView) -> _Layout:
     return _Layout(layer, best_rows, edges)
 
 
-def _draw_matplotlib(plan: "Plan", path: Path, fmt: str) -> None:
+def _draw_matplotlib(plan: Plan, path: Path, fmt: str) -> None:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch

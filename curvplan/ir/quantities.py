@@ -1,4 +1,4 @@
-"""Constructors for the quantity kinds of DESIGN.md §2.
+"""Constructors for the quantity kinds of docs/architecture.md §2.
 
 >>> from curvplan.ir import quantities as q
 >>> [x.name for x in (q.loss(), q.grad(), q.ggn_op("ce"), q.kron("grad_gram"))]
@@ -14,7 +14,7 @@ from curvplan.ir._quantity import Quantity
 __all__ = [
     "params", "batch", "rng", "loss", "grad", "outputs", "hvp_op", "ggn_op", "fisher_op", "diag", "trace",
     "eigvals", "kron", "eigbasis", "activations", "out_cotangents", "direction", "update", "lam", "rho",
-    "loss_after", "quantity",
+    "loss_after", "curv_op", "precond_diag", "model_lin", "probes", "quantity",
 ]
 
 
@@ -135,3 +135,9 @@ def model_lin() -> Quantity:
     """The model linearized on the batch (outputs, targets, jvp, vjp, per-example residual); produced by the
     ``linearize_model`` provider, consumed by the row-space (Woodbury) solvers."""
     return Quantity("model_lin")
+
+
+def probes(num: int) -> Quantity:
+    """Rademacher probes ``z_s`` and their curvature products ``C z_s`` (``num`` of them), shared by the
+    Hutchinson diagonal and trace estimates."""
+    return Quantity("probes", "curvature", {"probes": num})

@@ -1,11 +1,14 @@
-"""Layer discovery and capture (DESIGN.md §7): find the dense / conv / embedding layers of any loss function by
-reading its jaxpr, then compute loss, gradient, layer inputs and output cotangents in one backward pass.
+"""Layer discovery and capture (docs/architecture.md, "Layer discovery"): find the dense / conv / embedding
+layers of any loss function by reading its jaxpr, then compute loss, gradient, layer inputs and output
+cotangents in one backward pass.
 
 Discovery follows each parameter leaf through layout-only ops (reshape, transpose, dtype casts, broadcasts) to
-its uses. A leaf whose single use is the weight operand of ``dot_general`` / ``conv_general_dilated`` / a row
-``gather`` is a layer; a leaf added once to a layer's output is its bias. Anything else (used twice, used
-elementwise, inside ``while`` / ``cond``) is listed in ``report.skipped`` with the reason, so that consumers
-fall back to a diagonal block for it instead of mis-handling it.
+its uses, one rule per primitive (`RULES`, keyed by the objects of `jax.extend.core.primitives`, never by name),
+entering calls (``jit``, ``checkpoint``, custom derivative rules) and ``scan`` bodies. A leaf whose single use is
+the weight operand of ``dot_general`` / ``conv_general_dilated`` / a row ``gather`` is a layer; a leaf added
+once to a layer's output is its bias. Anything else (used twice, used elementwise, inside ``while`` / ``cond``)
+is listed in ``report.skipped`` with the reason, so that consumers fall back to a diagonal block for it instead
+of mis-handling it.
 
 Inside ``scan`` (and ``fori_loop`` with a static trip count) a weight is either a loop constant, the same matrix
 on every iteration (an RNN cell: its rows are the iterations' rows concatenated, as a convolution's are its
@@ -27,7 +30,8 @@ skipped: ['scale'] (unknown use: mul)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +43,6 @@ from curvplan.ir._errors import LoweringError
 
 LayerKind = Literal["dense", "conv", "embedding"]
 _TAGS = ("dense", "conv", "embedding", "skip")
-# Primitives are matched as objects, never by name: names change between JAX releases (``call`` printed as
-# ``eval_jaxpr`` from 0.12), the objects in `jax.extend.core.primitives` are the public handle.
-# ops that only move or cast the elements of a parameter (followed, not counted as uses)
-_LAYOUT = {P.reshape_p, P.transpose_p, P.convert_element_type_p, P.copy_p, P.squeeze_p, P.broadcast_in_dim_p}
-# calls whose one sub-jaxpr takes the equation's operands and returns its results (jit, checkpoint, custom rules)
-_CALLS = {P.jit_p, P.call_p, P.closed_call_p, P.remat_p, P.custom_jvp_call_p, P.custom_vjp_call_p}
-_SCAN = P.scan_p
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,7 +126,7 @@ class _Origin:
     def lead(self) -> int:
         return sum(scanned for _, scanned in self.loops)
 
-    def moved(self, idx: np.ndarray) -> "_Origin":
+    def moved(self, idx: np.ndarray) -> _Origin:
         return _Origin(self.leaf, idx, self.loops)
 
 
@@ -145,25 +142,36 @@ class _Use:
     loops: tuple[tuple[int, bool], ...] = ()
 
 
-def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
-    """(jaxpr, consts) of a call-like equation whose sub-jaxpr invars/outvars match the eqn's 1-1."""
-    if eqn.primitive not in _CALLS:
+def _sub(eqn) -> tuple[Any, list] | None:
+    """(jaxpr, consts) of the one sub-jaxpr of a call or ``scan`` equation, if its inputs and outputs match the
+    equation's one to one; else None."""
+    subs = list(jcore.jaxprs_in_params(eqn.params))
+    if len(subs) != 1 or len(subs[0].invars) != len(eqn.invars) or len(subs[0].outvars) != len(eqn.outvars):
         return None
-    return _param_jaxpr(eqn)
+    jaxpr = subs[0]
+    consts = getattr(jaxpr, "consts", None)  # JAX 0.12 keeps a jaxpr's constants on it
+    if consts is None:  # before: on the ClosedJaxpr parameter that `jaxprs_in_params` unwrapped
+        consts = next((p.consts for p in eqn.params.values() if isinstance(p, jcore.ClosedJaxpr) and p.jaxpr is jaxpr),
+                      [])
+    return jaxpr, list(consts)
 
 
-def _param_jaxpr(eqn) -> tuple[Any, list] | None:
-    """(jaxpr, consts) of the one sub-jaxpr among an equation's parameters, found by type, not by name."""
-    for sub in eqn.params.values():
-        if isinstance(sub, jcore.ClosedJaxpr):
-            return sub.jaxpr, list(sub.consts)
-        if isinstance(sub, jcore.Jaxpr):
-            return sub, []
-    return None
+def _scan_body(eqn) -> tuple[Any, list, int, int]:
+    """(body jaxpr, consts, num_consts, num_carry) of a ``scan`` equation.
+
+    The split of the operands is read off the avals, not the equation's parameters (whose names change
+    between JAX releases): the body maps (consts, carry, x) to (carry, y), and a scanned-over operand or a
+    stacked output has one more axis than its body variable, while consts and carries keep their rank."""
+    body_jaxpr, body_consts = _sub(eqn)
+    same = [w.aval.ndim == v.aval.ndim for w, v in zip(eqn.outvars, body_jaxpr.outvars)]
+    num_carry = same.index(False) if False in same else len(same)
+    same_in = [w.aval.ndim == v.aval.ndim for w, v in zip(eqn.invars, body_jaxpr.invars)]
+    num_consts = (same_in.index(False) if False in same_in else len(same_in)) - num_carry
+    return body_jaxpr, body_consts, num_consts, num_carry
 
 
-def _layout(eqn, idx: np.ndarray, lead: int) -> np.ndarray:
-    """``idx`` (``lead`` stack axes + the input's shape) moved as the op moves the input's elements."""
+def _moved(eqn, idx: np.ndarray, lead: int) -> np.ndarray:
+    """``idx`` (``lead`` stack axes + the input's shape) moved as the layout op moves the input's elements."""
     p, prim = eqn.params, eqn.primitive
     stack, shape = idx.shape[:lead], tuple(eqn.outvars[0].aval.shape)
     if prim is P.transpose_p:
@@ -173,7 +181,7 @@ def _layout(eqn, idx: np.ndarray, lead: int) -> np.ndarray:
         for src, dst in enumerate(p["broadcast_dimensions"]):
             expanded[dst] = idx.shape[lead + src]
         return np.broadcast_to(idx.reshape(stack + tuple(expanded)), stack + shape)
-    return idx.reshape(stack + shape)  # reshape / squeeze / expand_dims / casts
+    return idx.reshape(stack + shape)  # reshape / squeeze / casts / names
 
 
 def _stacked_matrix(idx: np.ndarray, lead: int, rows: list[int], cols: list[int]) -> np.ndarray:
@@ -198,123 +206,6 @@ def _dense_index(eqn, k: int, o: _Origin) -> np.ndarray:
     stack = o.idx.shape[:o.lead] + tuple(o.idx.shape[o.lead + d] for d in kb)
     return _stacked_matrix(idx.reshape((int(np.prod(stack)),) + idx.shape[len(stack):]), 1,
                            list(range(len(kc))), list(range(len(kc), len(kc) + len(kfree))))
-
-
-def _scan_body(eqn):
-    """(body jaxpr, consts, num_consts, num_carry) of a ``scan`` equation, else None.
-
-    The split of the operands is read off the avals, not the equation's parameters (whose names change
-    between JAX releases): the body maps (consts, carry, x) to (carry, y), and a scanned-over operand or a
-    stacked output has one more axis than its body variable, while consts and carries keep their rank."""
-    if eqn.primitive is not _SCAN:
-        return None
-    body_jaxpr, body_consts = _param_jaxpr(eqn)
-    same = [w.aval.ndim == v.aval.ndim for w, v in zip(eqn.outvars, body_jaxpr.outvars)]
-    num_carry = same.index(False) if False in same else len(same)
-    same_in = [w.aval.ndim == v.aval.ndim for w, v in zip(eqn.invars, body_jaxpr.invars)]
-    num_consts = (same_in.index(False) if False in same_in else len(same_in)) - num_carry
-    return body_jaxpr, body_consts, num_consts, num_carry
-
-
-def _analyze(jaxpr, origins: dict, uses: dict, outs: dict, path: tuple[int, ...]) -> None:
-    """Walks ``jaxpr`` recording parameter uses; ``origins`` maps vars to parameter provenance, ``outs`` maps
-    layer output vars to (layer path, output feature array)."""
-
-    def use(leaf, u):
-        uses.setdefault(leaf, []).append(u)
-
-    for i, eqn in enumerate(jaxpr.eqns):
-        here = path + (i,)
-        prim, name = eqn.primitive, eqn.primitive.name
-        for v in eqn.outvars:  # a sub-jaxpr shared by two calls is walked twice: forget the first walk
-            origins.pop(v, None)
-            outs.pop(v, None)
-        ins = [origins.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
-        sub = _sub_jaxpr(eqn)
-        if sub is not None:
-            inner, _ = sub
-            off = len(inner.invars) - len(eqn.invars)
-            for v, o, w in zip(inner.invars[off:], ins, eqn.invars):
-                origins.pop(v, None)
-                outs.pop(v, None)
-                if o is not None:
-                    origins[v] = o
-                if isinstance(w, jcore.Var) and w in outs:
-                    outs[v] = outs[w]
-            _analyze(inner, origins, uses, outs, here)
-            for v, w in zip(eqn.outvars, inner.outvars):
-                if isinstance(w, jcore.Var) and w in origins:
-                    origins[v] = origins[w]
-                if isinstance(w, jcore.Var) and w in outs:
-                    outs[v] = outs[w]
-            continue
-        scan = _scan_body(eqn)
-        if scan is not None:
-            body, _, nc, nk = scan
-            length = int(eqn.params["length"])
-            for j, (v, o) in enumerate(zip(body.invars, ins)):
-                origins.pop(v, None)
-                outs.pop(v, None)
-                if o is None:
-                    continue
-                if nc <= j < nc + nk:
-                    use(o.leaf, _Use("unknown use: carried through scan"))
-                else:  # a loop constant is the same weight every iteration; a scanned-over one is sliced
-                    origins[v] = _Origin(o.leaf, o.idx, o.loops + ((length, j >= nc + nk),))
-            _analyze(body, origins, uses, outs, here)
-            continue
-        params_in = [(j, o) for j, o in enumerate(ins) if o is not None]
-        if prim in _LAYOUT and len(eqn.invars) == 1:
-            if ins[0] is not None:
-                origins[eqn.outvars[0]] = ins[0].moved(_layout(eqn, ins[0].idx, ins[0].lead))
-            elif isinstance(eqn.invars[0], jcore.Var) and eqn.invars[0] in outs:
-                lp, feat = outs[eqn.invars[0]]
-                outs[eqn.outvars[0]] = (lp, _layout(eqn, feat, 0))
-            continue
-        if not params_in:
-            carried_outs = [v for v in eqn.invars if isinstance(v, jcore.Var) and v in outs]
-            if prim in (P.add_p, P.sub_p) and len(carried_outs) == 1 and (
-                    eqn.outvars[0].aval.shape == carried_outs[0].aval.shape):  # a residual added to a layer output
-                outs[eqn.outvars[0]] = outs[carried_outs[0]]
-            continue
-        if prim is P.dot_general_p and len(params_in) == 1:
-            k, o = params_in[0]
-            use(o.leaf, _Use("dense", here, eqn, k, _dense_index(eqn, k, o), loops=o.loops))
-            if not eqn.params["dimension_numbers"][1][k]:  # a per-head bias is not followed (reported instead)
-                outs[eqn.outvars[0]] = (here, _dense_feat(eqn, k))
-        elif prim is P.conv_general_dilated_p and [j for j, _ in params_in] == [1]:
-            o = ins[1]
-            p = eqn.params
-            if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-                use(o.leaf, _Use("unknown use: grouped convolution"))
-                continue
-            rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
-            mat = _stacked_matrix(o.idx, o.lead, [rhs[1], *rhs[2:]], [rhs[0]])
-            use(o.leaf, _Use("conv", here, eqn, 1, mat, loops=o.loops))
-            outs[eqn.outvars[0]] = (here, _conv_feat(eqn))
-        elif prim is P.gather_p and [j for j, _ in params_in] == [0] and _is_row_gather(eqn, ins[0]):
-            o = ins[0]
-            use(o.leaf, _Use("embedding", here, eqn, 0, _stacked_matrix(o.idx, o.lead, [0], [1]), loops=o.loops))
-            outs[eqn.outvars[0]] = (here, np.broadcast_to(np.arange(o.idx.shape[-1]), eqn.outvars[0].aval.shape))
-        elif prim is P.add_p and len(params_in) == 1 and any(
-            isinstance(v, jcore.Var) and v in outs for v in eqn.invars
-        ):
-            k, o = params_in[0]
-            other = eqn.invars[1 - k]
-            lp, feat = outs[other]
-            stack, own = o.idx.shape[:o.lead], o.idx.shape[o.lead:]
-            try:
-                lifted = o.idx.reshape(stack + (1,) * (feat.ndim - len(own)) + own)
-                bidx = np.broadcast_to(lifted, stack + feat.shape)
-            except ValueError:
-                use(o.leaf, _Use("unknown use: add with broadcasting"))
-                continue
-            use(o.leaf, _Use("bias", here, eqn, k, bidx.reshape((-1,) + feat.shape) if o.lead else bidx, feat, lp,
-                             o.loops))
-        else:
-            why = f"used inside {name}" if prim in (P.while_p, P.cond_p) else f"unknown use: {name}"
-            for _, o in params_in:
-                use(o.leaf, _Use(why))
 
 
 def _dense_feat(eqn, k: int) -> np.ndarray:
@@ -342,6 +233,186 @@ def _is_row_gather(eqn, o: _Origin) -> bool:
     return (idx.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
             and tuple(eqn.params["slice_sizes"]) == (1, idx.shape[1])
             and tuple(dn.offset_dims) == (eqn.outvars[0].aval.ndim - 1,))
+
+
+@dataclasses.dataclass
+class _Walk:
+    """One discovery walk: ``origins`` maps vars holding parameter elements to their `_Origin`, ``uses`` maps
+    leaves to their `_Use` list, ``outs`` maps layer output vars to (layer path, output feature of each
+    element)."""
+
+    origins: dict
+    uses: dict = dataclasses.field(default_factory=dict)
+    outs: dict = dataclasses.field(default_factory=dict)
+
+    def walk(self, jaxpr, path: tuple[int, ...]) -> None:
+        for i, eqn in enumerate(jaxpr.eqns):
+            for v in eqn.outvars:  # a sub-jaxpr shared by two calls is walked twice: forget the first walk
+                self.forget(v)
+            ins = [self.origins.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
+            RULES.get(eqn.primitive, _unknown)(self, eqn, path + (i,), ins)
+
+    def forget(self, v) -> None:
+        self.origins.pop(v, None)
+        self.outs.pop(v, None)
+
+    def out(self, v) -> tuple[tuple[int, ...], np.ndarray] | None:
+        return self.outs.get(v) if isinstance(v, jcore.Var) else None
+
+    def use(self, o: _Origin, kind: str, **kw) -> None:
+        self.uses.setdefault(o.leaf, []).append(_Use(kind, loops=o.loops, **kw))
+
+
+# -- the rule table: what each primitive makes of the parameter elements it reads ---------------------------
+Rule = Callable[[_Walk, Any, tuple[int, ...], list], None]
+"""``rule(walk, eqn, path, ins)``: ``ins`` holds the `_Origin` of each operand, None where it holds no parameter."""
+RULES: dict[jcore.Primitive, Rule] = {}
+
+
+def _rule(*prims: jcore.Primitive) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        RULES.update(dict.fromkeys(prims, fn))
+        return fn
+    return register
+
+
+def _unknown(w: _Walk, eqn, here, ins, why: str | None = None) -> None:
+    """Any primitive without a rule: each parameter operand is a use that is not a layer."""
+    for o in ins:
+        if o is not None:
+            w.use(o, why or f"unknown use: {eqn.primitive.name}")
+
+
+@_rule(P.reshape_p, P.transpose_p, P.squeeze_p, P.broadcast_in_dim_p, P.convert_element_type_p, P.copy_p, P.name_p)
+def _layout(w: _Walk, eqn, here, ins) -> None:
+    """Layout only (reshape, transpose, squeeze, broadcast, dtype cast, copy, `checkpoint_name`), one operand:
+    the output holds the operand's elements moved, so a parameter's index map, or a layer output's feature
+    map, is moved with them; not a use."""
+    if len(eqn.invars) != 1:
+        return _unknown(w, eqn, here, ins)
+    if ins[0] is not None:
+        w.origins[eqn.outvars[0]] = ins[0].moved(_moved(eqn, ins[0].idx, ins[0].lead))
+    elif (out := w.out(eqn.invars[0])) is not None:
+        w.outs[eqn.outvars[0]] = (out[0], _moved(eqn, out[1], 0))
+
+
+@_rule(P.dot_general_p)
+def _dense(w: _Walk, eqn, here, ins) -> None:
+    """``dot_general`` with exactly one parameter operand: a dense use. The weight's contracted axes are W's
+    rows, its free axes the columns, its batch axes (per-head weights) stack matrices; the output of a dot
+    without batch axes is followed, so that an ``add`` can find its bias."""
+    params = [k for k, o in enumerate(ins) if o is not None]
+    if len(params) != 1:
+        return _unknown(w, eqn, here, ins)
+    k, o = params[0], ins[params[0]]
+    w.use(o, "dense", path=here, eqn=eqn, operand=k, idx=_dense_index(eqn, k, o))
+    if not eqn.params["dimension_numbers"][1][k]:  # a per-head bias is not followed (reported instead)
+        w.outs[eqn.outvars[0]] = (here, _dense_feat(eqn, k))
+
+
+@_rule(P.conv_general_dilated_p)
+def _conv(w: _Walk, eqn, here, ins) -> None:
+    """``conv_general_dilated`` whose kernel (operand 1) is the only parameter: with one feature group and one
+    batch group, a conv use, W the kernel as (in features × window, out features) so that im2col patches @ W
+    is the output; its channel axis is followed for a bias."""
+    o, p = ins[1], eqn.params
+    if o is None or ins[0] is not None:
+        return _unknown(w, eqn, here, ins)
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return w.use(o, "unknown use: grouped convolution")
+    rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+    w.use(o, "conv", path=here, eqn=eqn, operand=1, idx=_stacked_matrix(o.idx, o.lead, [rhs[1], *rhs[2:]], [rhs[0]]))
+    w.outs[eqn.outvars[0]] = (here, _conv_feat(eqn))
+
+
+@_rule(P.gather_p)
+def _embedding(w: _Walk, eqn, here, ins) -> None:
+    """``gather`` of whole rows of a 2-D parameter table (operand 0, ``table[ids]``): an embedding use, the
+    output = one_hot(ids) @ table; its last axis (the table's columns) is followed for a bias."""
+    o = ins[0]
+    if o is None or any(x is not None for x in ins[1:]) or not _is_row_gather(eqn, o):
+        return _unknown(w, eqn, here, ins)
+    w.use(o, "embedding", path=here, eqn=eqn, operand=0, idx=_stacked_matrix(o.idx, o.lead, [0], [1]))
+    w.outs[eqn.outvars[0]] = (here, np.broadcast_to(np.arange(o.idx.shape[-1]), eqn.outvars[0].aval.shape))
+
+
+@_rule(P.add_p)
+def _bias(w: _Walk, eqn, here, ins) -> None:
+    """``add`` of a followed layer output and one parameter broadcast to its shape: a bias use, with the output
+    feature of each of its elements (whether that is one entry per feature is checked once the layer is
+    known). With no parameter operand it is a residual sum, `_residual`."""
+    params = [k for k, o in enumerate(ins) if o is not None]
+    if not params:
+        return _residual(w, eqn, here, ins)
+    k = params[0]
+    if len(params) != 1 or w.out(eqn.invars[1 - k]) is None:
+        return _unknown(w, eqn, here, ins)
+    o, (layer_path, feat) = ins[k], w.out(eqn.invars[1 - k])
+    stack, own = o.idx.shape[:o.lead], o.idx.shape[o.lead:]
+    try:
+        idx = np.broadcast_to(o.idx.reshape(stack + (1,) * (feat.ndim - len(own)) + own), stack + feat.shape)
+    except ValueError:
+        return w.use(o, "unknown use: add with broadcasting")
+    w.use(o, "bias", path=here, eqn=eqn, operand=k, idx=idx.reshape((-1,) + feat.shape) if o.lead else idx,
+          feat=feat, layer_path=layer_path)
+
+
+@_rule(P.sub_p)
+def _residual(w: _Walk, eqn, here, ins) -> None:
+    """``add`` / ``sub`` of one followed layer output and a value of its shape that holds no parameter (a
+    residual branch): the result is still followed as that layer's output, for a bias added after it. A
+    parameter operand of ``sub`` is an unknown use."""
+    if any(o is not None for o in ins):
+        return _unknown(w, eqn, here, ins)
+    outs = [(v, w.out(v)) for v in eqn.invars if w.out(v) is not None]
+    if len(outs) == 1 and eqn.outvars[0].aval.shape == outs[0][0].aval.shape:
+        w.outs[eqn.outvars[0]] = outs[0][1]
+
+
+@_rule(P.jit_p, P.call_p, P.closed_call_p, P.remat_p, P.custom_jvp_call_p, P.custom_vjp_call_p)
+def _call(w: _Walk, eqn, here, ins) -> None:
+    """Calls (``jit``, ``checkpoint`` / ``remat``, ``custom_jvp`` / ``custom_vjp`` functions, closed calls): the
+    sub-jaxpr takes the equation's operands and returns its results, so it is walked as if inlined, its
+    equations' paths under ``here``; parameter origins and layer outputs go in and come back out."""
+    sub = _sub(eqn)
+    if sub is None:
+        return _unknown(w, eqn, here, ins, f"used inside {eqn.primitive.name}")
+    inner = sub[0]
+    for v, o, x in zip(inner.invars, ins, eqn.invars):
+        w.forget(v)
+        if o is not None:
+            w.origins[v] = o
+        if (out := w.out(x)) is not None:
+            w.outs[v] = out
+    w.walk(inner, here)
+    for v, x in zip(eqn.outvars, inner.outvars):
+        if isinstance(x, jcore.Var) and x in w.origins:
+            w.origins[v] = w.origins[x]
+        if (out := w.out(x)) is not None:
+            w.outs[v] = out
+
+
+@_rule(P.scan_p)
+def _scan(w: _Walk, eqn, here, ins) -> None:
+    """``scan`` (and ``fori_loop`` with a static trip count), body walked under ``here``: a parameter passed as a
+    loop constant is the same weight on every iteration, one scanned over is sliced, one per iteration (a
+    stack), one carried is an unknown use. Layer outputs are not followed into or out of the loop."""
+    body, _, nc, nk = _scan_body(eqn)
+    length = int(eqn.params["length"])
+    for j, (v, o) in enumerate(zip(body.invars, ins)):
+        w.forget(v)
+        if o is not None and nc <= j < nc + nk:
+            w.use(o, "unknown use: carried through scan")
+        elif o is not None:
+            w.origins[v] = _Origin(o.leaf, o.idx, o.loops + ((length, j >= nc + nk),))
+    w.walk(body, here)
+
+
+@_rule(P.cond_p, P.while_p)
+def _opaque(w: _Walk, eqn, here, ins) -> None:
+    """``cond`` / ``while``: a layer that runs on one branch, or an unknown number of times, has no fixed rows,
+    so each parameter operand is a use ``used inside cond`` (``while``), not followed."""
+    _unknown(w, eqn, here, ins, f"used inside {eqn.primitive.name}")
 
 
 def discover_layers(fn: Callable, params: Any, *args: Any, tags: Mapping[str, str] | None = None) -> LayerReport:
@@ -373,10 +444,11 @@ def discover_layers(fn: Callable, params: Any, *args: Any, tags: Mapping[str, st
     for i, (v, (_, leaf)) in enumerate(zip(closed.jaxpr.invars, paths)):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             origins[v] = _Origin(i, np.arange(int(np.prod(np.shape(leaf))), dtype=np.int64).reshape(np.shape(leaf)))
-    uses: dict[int, list[_Use]] = {}
-    _analyze(closed.jaxpr, origins, uses, {}, ())
-    layers, skipped, biases = {}, {}, {}
-    for leaf in sorted({o.leaf for o in origins.values()}):
+    leaves = sorted({o.leaf for o in origins.values()})
+    walk = _Walk(origins)
+    walk.walk(closed.jaxpr, ())
+    uses, layers, skipped, biases = walk.uses, {}, {}, {}
+    for leaf in leaves:
         key, us = keys[leaf], uses.get(leaf, [])
         if tags.get(key) == "skip":
             skipped[key] = "tagged skip"
@@ -476,11 +548,9 @@ def _bind(eqn, invals):
 
 
 def _eval(jaxpr, consts, args, layers: dict, perts: dict, acts: dict, path: tuple[int, ...], depth: int = 0):
-    env = {}
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args):
-        env[v] = x
+    """Evaluates ``jaxpr`` adding ``perts[key]`` to the output of each layer (``layers``: path -> (key, layer)) and
+    recording its activations in ``acts``; calls and scans that hold layers are entered, all else is bound."""
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
     prefixes = {p[: len(path) + 1] for p in layers}
     for i, eqn in enumerate(jaxpr.eqns):
         here = path + (i,)
@@ -491,18 +561,40 @@ def _eval(jaxpr, consts, args, layers: dict, perts: dict, acts: dict, path: tupl
             a, to_rows = _layer_values(layer, eqn, invals, out)
             acts[key] = (a, to_rows)
             outs = [out + perts[key]]
-        elif here in prefixes and _sub_jaxpr(eqn) is not None:
-            inner, inner_consts = _sub_jaxpr(eqn)
-            off = len(inner.invars) - len(invals)
-            outs = _eval(inner, inner_consts, [None] * off + invals, layers, perts, acts, here, depth)
-        elif here in prefixes and _scan_body(eqn) is not None:
-            outs = _eval_scan(eqn, invals, layers, perts, acts, here, depth)
+        elif here in prefixes:  # a call or scan that holds layers (discovery enters nothing else)
+            enter = _eval_scan if eqn.primitive is P.scan_p else _eval_call
+            outs = enter(eqn, invals, layers, perts, acts, here, depth)
         else:
             outs = _bind(eqn, invals)
             outs = outs if eqn.primitive.multiple_results else [outs]
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
     return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _inside(layers: dict, here: tuple[int, ...]) -> dict:
+    """The layers (key -> layer) that sit in the sub-jaxpr of the equation at ``here``."""
+    return {key: layer for path, (key, layer) in layers.items() if path[: len(here)] == here and len(path) > len(here)}
+
+
+def _eval_call(eqn, invals, layers: dict, perts: dict, acts: dict, here: tuple[int, ...], depth: int):
+    """A call that holds layers, evaluated by `_eval` in its place: its gradient is that of its body (a custom
+    derivative rule around a layer is not used). A ``checkpoint`` region is evaluated under `jax.checkpoint`
+    (default policy), so the backward pass still recomputes it instead of storing its intermediates."""
+    inner, consts = _sub(eqn)
+    if eqn.primitive is not P.remat_p:
+        return _eval(inner, consts, invals, layers, perts, acts, here, depth)
+    to_rows: dict[str, Callable] = {}
+
+    def region(invals, perts):
+        got: dict = {}
+        outs = _eval(inner, consts, invals, layers, perts, got, here, depth)
+        to_rows.update({k: f for k, (_, f) in got.items()})
+        return outs, {k: a for k, (a, _) in got.items()}
+
+    outs, got = jax.checkpoint(region)(list(invals), {k: perts[k] for k in _inside(layers, here)})
+    acts.update({k: (a, to_rows[k]) for k, a in got.items()})
+    return outs
 
 
 def _merge_loop(x: jax.Array, scanned: bool) -> jax.Array:
@@ -519,7 +611,7 @@ def _eval_scan(eqn, invals, layers: dict, perts: dict, acts: dict, here: tuple[i
     """A ``scan`` equation that holds layers: its body evaluated by `_eval` under `jax.lax.scan`, each layer's
     perturbation scanned over and its activations stacked, then merged per `_merge_loop`."""
     body, body_consts, nc, nk = _scan_body(eqn)
-    inside = {key: layer for path, (key, layer) in layers.items() if path[: len(here)] == here and len(path) > len(here)}
+    inside = _inside(layers, here)
     consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
     to_rows: dict[str, Callable] = {}
 
@@ -575,12 +667,9 @@ def capture(fn: Callable, report: LayerReport, params: Any, *args: Any):
 
 
 def _eqn_at(jaxpr, path):
-    eqn = None
-    for i in path:
-        if eqn is not None:
-            jaxpr = (_sub_jaxpr(eqn) or _scan_body(eqn))[0]
-        eqn = jaxpr.eqns[i]
-    return eqn
+    for i in path[:-1]:
+        jaxpr = _sub(jaxpr.eqns[i])[0]
+    return jaxpr.eqns[path[-1]]
 
 
 def _locate(report: LayerReport) -> dict:

@@ -15,20 +15,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from curvplan.ir import quantities as qs
 from curvplan.ir._errors import LoweringError
+from curvplan.ir._module import state_type
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase
 from curvplan.lowering._layers import discover_layers
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
-from curvplan.ir._module import state_type
-from curvplan.modules._base import Context, Inputs, Module, tree_all_finite, tree_norm
+from curvplan.modules._base import Context, Inputs, Module, tree_all_finite
 from curvplan.planner._plan import Plan
 
 _INFO_DEFAULTS = {"float": jnp.nan, "int": -1, "bool": False}
@@ -151,11 +153,6 @@ def _skip_keeps(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     return new
 
 
-def _named(m: Module) -> bool:
-    """TRANSITIONAL: True for a module on the named contract (mappings), False for the old tuple one."""
-    return isinstance(m.produces(), Mapping)
-
-
 def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array | None:
     if rng is None:
         return None
@@ -270,8 +267,7 @@ class LoweredPlan:
                 raise LoweringError(f"carried {qv.name} has no module that writes it", where=f"slot {qv.name}")
             m = self.modules[op.name]
             ctx = dataclasses.replace(self._ctx(op.name, step, rng, params, None), layers=layers)
-            key = dict(zip(m.outputs(), m.output_names()))[qv] if _named(m) else qv
-            slots[self.plan.names[qv]] = m.init_carried(key, params, ctx)
+            slots[self.plan.names[qv]] = m.init_carried(dict(zip(m.outputs(), m.output_names()))[qv], params, ctx)
         return PlanState(step, _widen(mods), _widen(slots), jnp.zeros((), jnp.int32))
 
     def _ctx(self, label, step, rng, params, batch) -> Context:
@@ -302,8 +298,8 @@ class LoweredPlan:
                 ctx = self._ctx(op.name, state.step, rng, params, batch)
                 if "rng" in [r.node.kind for r in op.reads]:
                     inputs[next(r.quantity for r in op.reads if r.node.kind == "rng")] = ctx.rng
-                if _named(m):  # reads are in declaration order (take applied by the planner)
-                    inputs = Inputs(dict(zip(m.input_names(), (inputs[r.quantity] for r in op.reads))), op.name)
+                # reads are in declaration order (take applied by the planner): the module's names for them
+                inputs = Inputs(dict(zip(m.input_names(), (inputs[r.quantity] for r in op.reads))), op.name)
                 outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, state.slots, state.step)
                 mods[op.name] = _like(new_state, mods[op.name])
                 infos[op.name] = info
@@ -346,15 +342,7 @@ class LoweredPlan:
 
     def _run_module(self, m: Module, op: Op, inputs, mstate, ctx: Context, slots, step):
         def run(inputs, mstate):
-            c = Context(ctx.step, ctx.rng, ctx.params, ctx.batch, ctx.objective, ctx.module)
-            if not _named(m):  # TRANSITIONAL
-                outs, new_state = m.apply(inputs, mstate, c)
-                declared = dict(zip(m.outputs(), m.produces()))  # tagged -> as the module names it
-                missing = [x.name for x in op.outputs if declared[x] not in outs]
-                if missing:
-                    raise LoweringError(f"module `{op.name}` did not return {missing}", where=f"module `{op.name}`")
-                return {x: outs[declared[x]] for x in op.outputs}, new_state, self._module_info(m, c.info)
-            outs, new_state, info = _unpack(m, m.apply(inputs, mstate, c))
+            outs, new_state, info = _unpack(m, m.apply(inputs, mstate, ctx))
             by_name = dict(zip(m.outputs(), m.output_names()))
             return {x: outs[by_name[x]] for x in op.outputs}, new_state, self._module_info(m, info)
 
@@ -402,7 +390,7 @@ class LoweredPlan:
             loss = next((v for k, v in sorted(env.items(), key=lambda kv: kv[0].sort_key) if k.kind == "loss"), None)
         fields = {
             "loss": jnp.asarray(jnp.nan if loss is None else loss, jnp.float32),
-            "update_norm": tree_norm(updates).astype(jnp.float32),
+            "update_norm": optax.tree.norm(updates).astype(jnp.float32),
             "skipped": ~finite,
             "skipped_steps": skipped,
             "phase": jnp.asarray(phase_index, jnp.int32),
@@ -439,8 +427,6 @@ class LoweredPlan:
 
 def _checked_state(m: Module, state: Any) -> Any:
     """``init``'s state, checked against the NamedTuple its annotation names (the plan's ``state:`` line)."""
-    if not _named(m):  # TRANSITIONAL
-        return state
     t = state_type(type(m))
     if t is not None and not isinstance(state, t):
         raise LoweringError(

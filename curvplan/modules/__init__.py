@@ -1,51 +1,21 @@
-"""The module library, grouped by role. Every module is a frozen pydantic model with ``init`` / ``apply``."""
+"""The module library, grouped by role. Every module is a frozen pydantic model with ``init`` / ``apply``.
 
-from curvplan.modules._base import Context, LinearOperator, Module
-from curvplan.modules.curvature import GGN, EmpiricalFisher, Hessian, SampledFisher, curv_op, model_lin
-from curvplan.modules.damping import ConstantDamping, GainRatio, TrustRegionDamping
-from curvplan.modules.estimators import (
-    GNBDiag,
-    HutchinsonDiag,
-    HutchinsonProbes,
-    HutchinsonTrace,
-    Lanczos,
-    ProbeDiag,
-    lanczos_ritz_values,
-)
-from curvplan.modules.geometry import LMODirection, MuonDirection, SchattenCriterion, SchattenDirection, schatten_inv_p
-from curvplan.modules.preconditioners import (
-    DiagEMA,
-    DiagonalDirection,
-    GradGram,
-    GramEigbasis,
-    KFACDirection,
-    KFACFactors,
-    KFACInverse,
-    ScaoAdam,
-    ScaoBlend,
-    ScaoPrecondition,
-    ScaoSpectrum,
-    Shampoo,
-    Soap,
-    SpatialAverage,
-    kfac_eigbasis,
-    kfac_inverses,
-    kfac_factors,
-    precond_diag,
-    spatial_average,
-)
-from curvplan.modules.solvers import CG, DenseDirect, DiagonalSolve, IdentitySolve, RowSpace, conjugate_gradient
-from curvplan.modules.transforms import Combine, UpdateTail
+Each family package re-exports its names (one line each); this package re-exports every family, so a new
+module is its own file plus one line in its family's ``__init__.py``.
+"""
 
-__all__ = [
-    "Context", "LinearOperator", "Module",
-    "Hessian", "GGN", "EmpiricalFisher", "SampledFisher", "curv_op", "model_lin",
-    "ConstantDamping", "GainRatio", "TrustRegionDamping",
-    "HutchinsonDiag", "HutchinsonProbes", "ProbeDiag", "HutchinsonTrace", "GNBDiag", "Lanczos", "lanczos_ritz_values",
-    "DiagEMA", "DiagonalDirection", "SpatialAverage", "KFACFactors", "KFACInverse", "KFACDirection",
-    "GradGram", "GramEigbasis", "Shampoo", "Soap", "ScaoSpectrum", "ScaoPrecondition", "ScaoBlend", "ScaoAdam",
-    "precond_diag", "spatial_average", "kfac_factors", "kfac_eigbasis", "kfac_inverses",
-    "CG", "DenseDirect", "RowSpace", "DiagonalSolve", "IdentitySolve", "conjugate_gradient",
-    "LMODirection", "MuonDirection", "SchattenCriterion", "SchattenDirection", "schatten_inv_p",
-    "Combine", "UpdateTail",
-]
+from curvplan.modules import curvature, damping, estimators, geometry, preconditioners, solvers, transforms
+from curvplan.modules._base import Context, Inputs, LinearOperator, Module
+from curvplan.modules.curvature import *  # noqa: F403
+from curvplan.modules.damping import *  # noqa: F403
+from curvplan.modules.estimators import *  # noqa: F403
+from curvplan.modules.geometry import *  # noqa: F403
+from curvplan.modules.preconditioners import *  # noqa: F403
+from curvplan.modules.solvers import *  # noqa: F403
+from curvplan.modules.transforms import *  # noqa: F403
+
+_FAMILIES = (curvature, damping, estimators, geometry, preconditioners, solvers, transforms)
+__all__ = ["Context", "Inputs", "LinearOperator", "Module"] + sorted(
+    name for fam in _FAMILIES for name in vars(fam) if not name.startswith("_")
+    and not isinstance(vars(fam)[name], type(curvature))
+)

@@ -10,36 +10,25 @@ A runnable module subclasses `Module` (a `curvplan.ir.ModuleSpec` plus its JAX i
   ``inputs`` holds each consumed value under the module's own name (``inputs.grad``); ``outputs`` maps each
   produced name to its value; ``info`` (optional) maps telemetry keys from ``info_fields`` to scalars.
 
->>> from typing import Literal, NamedTuple
->>> import jax, jax.numpy as jnp
->>> from curvplan.ir import fresh, quantities as q
->>> class ScaleState(NamedTuple):
-...     count: jax.Array
->>> class Scale(Module):
-...     kind: Literal["scale_demo"] = "scale_demo"
-...     factor: float = 0.5
-...     info_fields = (("scale_calls", "int"),)
-...     def consumes(self): return {"grad": fresh(q.grad())}
-...     def produces(self): return {"direction": q.direction("scaled")}
-...     def init(self, params, ctx) -> ScaleState: return ScaleState(jnp.zeros((), jnp.int32))
-...     def apply(self, inputs, state, ctx):
-...         d = jax.tree.map(lambda g: self.factor * g, inputs.grad)
-...         return {"direction": d}, ScaleState(state.count + 1), {"scale_calls": state.count + 1}
->>> Scale().state_names()
-('count',)
+A complete module, `curvplan.modules.Lookahead`, is walked through in docs/writing-modules.md:
+
+>>> from curvplan.modules import Lookahead
+>>> Lookahead().input_names(), Lookahead().output_names(), Lookahead().state_names()
+(('direction',), ('direction',), ('previous',))
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from curvplan.ir._errors import LoweringError
 from curvplan.ir._module import ModuleSpec
-from curvplan.ir._quantity import Quantity
 
 Params = Any
 PyTree = Any
@@ -67,10 +56,6 @@ class Context:
     objective: Any
     module: str
     layers: Callable[[], Any] | None = None
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # TRANSITIONAL: old-style modules
-
-    def report(self, key: str, value: Any) -> None:  # TRANSITIONAL: old-style modules
-        self.info[key] = value
 
 
 class Inputs(Mapping):
@@ -94,6 +79,12 @@ class Inputs(Mapping):
                 where=f"module `{self._module}`",
                 fix="add it to the module's `consumes()` mapping",
             ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._values.get(name, default)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -129,21 +120,6 @@ class Module(ModuleSpec):
 
 
 # -- small pytree helpers shared by modules -------------------------------------------------------------
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum of elementwise products over all leaves (real inner product)."""
-    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
-    return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros(())
-
-
-def tree_add_scaled(a: PyTree, alpha: Any, b: PyTree) -> PyTree:
-    """a + alpha * b."""
-    return jax.tree.map(lambda x, y: x + alpha * y, a, b)
-
-
-def tree_norm(a: PyTree) -> jax.Array:
-    return jnp.sqrt(tree_vdot(a, a))
-
-
 def tree_all_finite(a: PyTree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(a)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -165,8 +141,8 @@ class LinearOperator:
 
     __call__ = mv
 
-    def damped(self, lam: Any) -> "LinearOperator":
-        return LinearOperator(lambda v: tree_add_scaled(self._mv(v), lam, v), f"({self.name} + lambda I)")
+    def damped(self, lam: Any) -> LinearOperator:
+        return LinearOperator(lambda v: optax.tree.add_scale(self._mv(v), lam, v), f"({self.name} + lambda I)")
 
     def __repr__(self) -> str:
         return f"LinearOperator({self.name})"

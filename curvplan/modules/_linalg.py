@@ -15,7 +15,7 @@ removed that parallel path. Here a batched call on an affected CPU backend is ma
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

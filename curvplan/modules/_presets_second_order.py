@@ -1,4 +1,4 @@
-"""Second-order presets (ALGORITHMS.md §5): plain module lists with Somax v1's documented defaults.
+"""Second-order presets (docs/math.md §5): plain module lists with Somax v1's documented defaults.
 
 Somax's default learning rate is 1.0 for every method (the direction carries the scale); tune it for the
 diagonal methods (AdaHessian, Sophia), where 1.0 is rarely right.
@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from curvplan.modules import GGN, ConstantDamping, DiagEMA, DiagonalDirection, Hessian, HutchinsonDiag, Module
-from curvplan.modules import UpdateTail
+from curvplan.modules import (
+    GGN,
+    ConstantDamping,
+    DiagEMA,
+    DiagonalDirection,
+    Hessian,
+    HutchinsonDiag,
+    Module,
+    UpdateTail,
+)
 from curvplan.modules.estimators._gnb import GNBDiag
 from curvplan.modules.estimators._probes import HutchinsonProbes, HutchinsonTrace, ProbeDiag
 from curvplan.modules.preconditioners._spatial import SpatialAverage
@@ -59,7 +67,7 @@ def egn(
     ce_factor: Literal["exact", "cholesky"] = "exact",
 ) -> list[Module]:
     """Exact Gauss-Newton (Somax's ``egn_mse`` / ``egn_ce`` / ``egn_mse_cg``): the GGN step solved in the
-    B·C-dimensional row space by Woodbury, with the correct CE factorization (ALGORITHMS.md §8.1)."""
+    B·C-dimensional row space by Woodbury, with the correct CE factorization (docs/math.md §8.1)."""
     return [
         RowSpace(loss=loss, solver=solver, tol=tol, maxiter=maxiter, ce_factor=ce_factor),
         ConstantDamping(lam=lam),

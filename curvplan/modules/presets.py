@@ -25,8 +25,6 @@ from curvplan.modules import (
     TrustRegionDamping,
     UpdateTail,
 )
-
-
 from curvplan.modules._presets_second_order import (
     adahessian,
     egn,
@@ -98,7 +96,8 @@ def adahessian_like(
     return [
         Hessian(),
         HutchinsonDiag(probes=probes),
-        DiagEMA(beta=beta2, mode="adahessian", every=hessian_every, estimate=(("est", "hutchinson"), ("probes", probes))),
+        DiagEMA(beta=beta2, mode="adahessian", every=hessian_every,
+                estimate=(("est", "hutchinson"), ("probes", probes))),
         DiagonalDirection(beta1=beta1, mode="adahessian"),
         UpdateTail(learning_rate=learning_rate, source="diag"),
     ]

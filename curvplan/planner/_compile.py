@@ -1,6 +1,6 @@
 """`compile_plan`: modules in, a static `Plan` out. Pure Python: nothing here traces or imports JAX.
 
-The pipeline (DESIGN.md §5), one function per pass:
+The pipeline (docs/architecture.md §5), one function per pass:
 
 1. `_validate`: every item is a `ModuleSpec`; explicit names are unique.
 2. `_dedup`: modules with equal configuration are merged (equal quantities are already one object).
@@ -17,10 +17,11 @@ The pipeline (DESIGN.md §5), one function per pass:
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import networkx as nx
 
+from curvplan.ir import quantities as qs
 from curvplan.ir._cadence import EVERY_STEP, describe_steps, horizon
 from curvplan.ir._errors import (
     AmbiguousProducerError,
@@ -32,7 +33,7 @@ from curvplan.ir._errors import (
     PlanError,
 )
 from curvplan.ir._graph import verify_phase
-from curvplan.ir._module import ModuleSpec, _values
+from curvplan.ir._module import ModuleSpec, Use, _values
 from curvplan.ir._providers import PROVIDERS, ProviderRule
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase, Read
@@ -85,6 +86,7 @@ def compile_plan(
     producers = _resolve(mods, given)
     _check_cycles(mods, producers)
     live, run, prefix, period = _live_modules(mods, producers, max_period)
+    _check_update_every_step(live, run, prefix + 2 * period)
     removed = tuple(sorted(set(mods) - set(live)))
     reads_new = _carried_reads_of_new_values(live, producers)
     if optimize:
@@ -112,6 +114,39 @@ def compile_plan(
 
 
 # -- 1-3: validate, dedup, name ---------------------------------------------------------------------------
+def _check_declarations(m: ModuleSpec) -> None:
+    """`consumes` / `produces` are mappings from the module's own names (identifiers) to uses / quantities."""
+    for what, decl, kind in (("consumes", m.consumes(), Use), ("produces", m.produces(), Quantity)):
+        bad = None
+        if not isinstance(decl, Mapping):
+            bad = f"returned a {type(decl).__name__}, not a mapping"
+        else:
+            bad = next((f"has the entry {k!r}: {v!r}" for k, v in decl.items()
+                        if not (isinstance(k, str) and k.isidentifier() and isinstance(v, kind))), None)
+        if bad:
+            raise PlanError(
+                f"module `{m.label}`: {what}() {bad}",
+                where=f"module `{m.label}` ({type(m).__name__}.{what})",
+                fix=f"return a dict from the module's own names (identifiers) to "
+                    f"{'fresh(q) / carried(q)' if kind is Use else 'quantities'}",
+            )
+
+
+def _check_update_every_step(live: dict[str, ModuleSpec], run: dict[str, int], window: int) -> None:
+    """The module that writes the plan's ``%update`` runs on every step: the optimizer returns an update each
+    step, and a step without one has nothing to return. ``run`` masks span ``window`` steps."""
+    full = (1 << window) - 1
+    for lbl, m in live.items():
+        upd = [x for x in m.outputs() if x == qs.update()]  # tagged pieces (%update:adam) may take turns
+        if upd and run[lbl] != full:
+            raise CadenceError(
+                f"module `{lbl}` produces {upd[0].name} but runs only on some steps ({m.cadence or 'as its inputs'})",
+                where=f"module `{lbl}`, quantity {upd[0].name}",
+                fix="remove its cadence (and that of anything it reads fresh); to update less often, accumulate "
+                    "gradients with optax.MultiSteps around cp.as_optax(...)",
+            )
+
+
 def _validate(modules: Sequence[ModuleSpec]) -> list[ModuleSpec]:
     if isinstance(modules, ModuleSpec):
         modules = [modules]
@@ -139,6 +174,7 @@ def _validate(modules: Sequence[ModuleSpec]) -> list[ModuleSpec]:
                 where=f"modules[{i}] = {m!r}",
                 fix="pass module instances, e.g. `cp.presets.newton_cg()` returns a list of them",
             )
+        _check_declarations(m)
         if m.name is not None:
             other = seen.get(m.name)
             if other is not None and other.identity() != m.identity():
@@ -300,8 +336,9 @@ def _raise_cadence_conflict(mods, run, window, p, c, q, t):
         f"module `{c}` needs {q.name} fresh at step {t}, but its producer `{p}` is scheduled {cad} and does "
         f"not run then",
         where=f"producer `{p}` {cad}, consumer `{c}` ({_describe(run[c], window)}), quantity {q.name}",
-        fix=f"remove the cadence of `{p}` (it then follows its consumers), make `{c}` run only on {cad}, "
-        f"or consume {q.name} with `carried(...)`",
+        fix=f"remove the cadence of `{p}` (it then follows its consumers), "
+        + ("" if qs.update() in mods[c].outputs() else f"make `{c}` run only on {cad}, ")
+        + f"or consume {q.name} with `carried(...)`",
     )
 
 
@@ -470,7 +507,7 @@ def _build_phases(mods, producers, run, prefix, period, given, reads_new):
     slots: set[Quantity] = set()
     phases = []
     masks = []
-    for i, running in enumerate(sets):
+    for i, _ in enumerate(sets):
         mask = 0
         for t in range(window):
             tt = t if t < prefix + period else prefix + (t - prefix) % period

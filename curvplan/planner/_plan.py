@@ -175,7 +175,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Recompiles a plan from `to_dict` and checks it prints the same text."""
         from curvplan.planner._compile import compile_plan
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -28,7 +29,8 @@ class Optimizer:
 
     ``step`` picks the phase on the host and calls that phase's jitted program, so each phase compiles
     exactly once (``trace_counts`` records it). The step counter is read back from the device only when
-    ``step`` is given a state it did not return itself, so consecutive steps dispatch without a host sync. ``run`` scans many steps in one program with ``lax.switch``.
+    ``step`` is given a state it did not return itself, so consecutive steps dispatch without a host sync.
+    ``run`` scans many steps in one program with ``lax.switch``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, curvplan as cp

@@ -271,7 +271,8 @@ def test_flax_nn_scan_and_equinox_scan_over_layers():
     leaves, static = eqx.partition(stacked, eqx.is_array)
 
     def loss(p, x):
-        return jnp.mean(jax.lax.scan(lambda h, lp: (jax.vmap(eqx.combine(lp, static))(jnp.tanh(h)), None), x, p)[0] ** 2)
+        step = lambda h, lp: (jax.vmap(eqx.combine(lp, static))(jnp.tanh(h)), None)  # noqa: E731
+        return jnp.mean(jax.lax.scan(step, x, p)[0] ** 2)
 
     report = check_capture(loss, leaves, x)
     layer = report.layers[".weight"]

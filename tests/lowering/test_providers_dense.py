@@ -1,4 +1,4 @@
-"""Provider implementations against independent dense float64 references (ALGORITHMS.md §2.1-2.3).
+"""Provider implementations against independent dense float64 references (docs/math.md §2.1-2.3).
 
 Every reference below is built from scratch: the loss functions are re-written here (not taken from
 `curvplan.lowering._objective`), and the curvature matrices are formed explicitly from `jax.hessian` /
@@ -41,7 +41,7 @@ def mlp(p, x):
     return jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
 
 
-# Independent re-implementations of the two losses (the conventions of ALGORITHMS.md §2.2/§2.3).
+# Independent re-implementations of the two losses (the conventions of docs/math.md §2.2/§2.3).
 def ref_mse(out, y):
     out = out.reshape(out.shape[0], -1)
     y = y.reshape(out.shape)

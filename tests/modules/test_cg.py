@@ -1,4 +1,4 @@
-"""`conjugate_gradient` against dense float64 references (ALGORITHMS.md §3.1, §8.2).
+"""`conjugate_gradient` against dense float64 references (docs/math.md §3.1, §8.2).
 
 References: `numpy.linalg.solve` for the solution, and a textbook CG written here in plain numpy (with the
 Steihaug stop on non-positive curvature) for the iterates where the exact path matters (maxiter cut-off,
@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cg_iterations
 from jax.flatten_util import ravel_pytree
 
 from curvplan.modules import conjugate_gradient
 from curvplan.modules.solvers import CG_RESULTS
-from helpers import cg_iterations
-
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
 

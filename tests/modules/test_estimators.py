@@ -1,5 +1,5 @@
 """Estimators against dense float64 references: Hutchinson trace (and its probes shared with the diagonal),
-Gauss-Newton-Bartlett diagonal, Lanczos extreme eigenvalues, spatial averaging (ALGORITHMS.md §2.6-2.7, §5).
+Gauss-Newton-Bartlett diagonal, Lanczos extreme eigenvalues, spatial averaging (docs/math.md §2.6-2.7, §5).
 
 Statistical tolerances are derived from each estimator's variance (comments say how); the exact expectation
 of GNB is computed by enumerating every label draw.
@@ -18,7 +18,8 @@ from jax.flatten_util import ravel_pytree
 import curvplan as cp
 from curvplan.ir import quantities as q
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
-from curvplan.modules import Context, DiagEMA, DiagonalDirection, Hessian, LinearOperator, UpdateTail, curv_op
+from curvplan.modules import Context, DiagEMA, DiagonalDirection, Hessian, HutchinsonDiag, LinearOperator, UpdateTail
+from curvplan.modules._base import Inputs
 from curvplan.modules._presets_second_order import hutchinson_estimates
 from curvplan.modules.estimators._gnb import GNBDiag
 from curvplan.modules.estimators._lanczos import Lanczos, lanczos_ritz_values
@@ -49,10 +50,10 @@ def trace_estimate(A, S, key, params=None):
     @jax.jit
     def run(key):
         ctx = ctx_for(params, key)
-        p, _ = HutchinsonProbes(probes=S).apply({curv_op(): op, q.rng(): key}, (), ctx)
-        t, _ = HutchinsonTrace(probes=S).apply(p, (), ctx)
-        d, _ = ProbeDiag(probes=S).apply(p, (), ctx)
-        return next(iter(t.values())), next(iter(d.values())), ctx.info
+        p, _, p_info = HutchinsonProbes(probes=S).apply(Inputs({"op": op, "rng": key}, "probes"), (), ctx)
+        t, _, t_info = HutchinsonTrace(probes=S).apply(Inputs(p, "trace"), (), ctx)
+        d, _ = ProbeDiag(probes=S).apply(Inputs(p, "diag"), (), ctx)
+        return t["trace"], d["diag"], p_info | t_info
     return run(key)
 
 
@@ -109,6 +110,28 @@ def test_probes_are_shared_in_the_plan():
         np.testing.assert_allclose(float(info.trace), float(jnp.sum(diag)), rtol=1e-6)
 
 
+def test_tagged_hutchinson_diag_feeds_diag_ema():
+    """Regression: `HutchinsonDiag(tag="h")` returned its output under the tagged key, which lowering did not
+    find. With a separable loss the Hessian is diagonal, so every Rademacher probe gives diag(H) exactly, and
+    the carried `%precond.diag` must be the bias-corrected EMA of the closed-form diagonals at each iterate."""
+    mods = [Hessian(), HutchinsonDiag(tag="h"), DiagEMA(take=(("diag.curvature", "h"),)), DiagonalDirection(),
+            UpdateTail(source="diag")]
+    plan = cp.compile_plan(mods)
+    assert "diag_ema(%diag.curvature:h)" in str(plan), str(plan)
+    c = jnp.asarray([0.5, 1.0, 2.0, 3.0])
+    # L(x) = Σ c_i (x_i²/2 + x_i⁴/12): H = diag(c (1 + x²))
+    opt = cp.Optimizer(plan, loss_fn=lambda x, b: jnp.sum(b * (0.5 * x**2 + x**4 / 12)))
+    x = jnp.asarray([1.0, -0.5, 0.25, 2.0])
+    state = opt.init(x)
+    beta, v = DiagEMA().beta, np.zeros(4)
+    for t in range(3):
+        v = beta * v + (1 - beta) * np.asarray(c) * (1 + np.asarray(x) ** 2)
+        x, state, info = opt.step(x, state, c, rng=jax.random.key(t))
+        assert not bool(info.skipped) and np.all(np.isfinite(np.asarray(x)))
+        got = np.asarray(state.slots[plan.names[q.precond_diag()]])
+        np.testing.assert_allclose(got, v / (1 - beta ** (t + 1)), rtol=1e-12)
+
+
 # -- Gauss-Newton-Bartlett ------------------------------------------------------------------------------
 B, D_IN, D_HID = 3, 2, 3
 
@@ -132,10 +155,12 @@ def gnb_estimate(kind, params, batch, S, key):
     @jax.jit
     def run(key):
         vals = PROVIDER_IMPLS["linearize_model"](Objective(model_fn=mlp, loss_kind=kind), params, batch, None)
-        inputs = {q.fisher_op("sampled"): vals[q.fisher_op("sampled")], q.rng(): key}
-        out, _ = GNBDiag(samples=S).apply(inputs, (), ctx_for(params, key))
-        return ravel_pytree(next(iter(out.values())))[0]
-    return np.asarray(run(key))
+        inputs = Inputs({"fisher": vals[q.fisher_op("sampled")], "rng": key}, "gnb")
+        out, _, info = GNBDiag(samples=S).apply(inputs, (), ctx_for(params, key))
+        return ravel_pytree(out["diag"])[0], info["gnb_samples"]
+    est, samples = run(key)
+    assert int(samples) == S
+    return np.asarray(est)
 
 
 def test_gnb_ce_exact_expectation_by_enumeration_and_unbiased_mc():
@@ -222,9 +247,9 @@ def test_lanczos_module_on_mlp_hessian(which, expect):
     @jax.jit
     def direct(params):
         vals = PROVIDER_IMPLS["linearize_grad"](Objective(loss_fn=loss), params, (x, y), None)
-        out, _ = Lanczos(iters=9, k=2, which=which).apply(
-            {curv_op(): vals[q.hvp_op("hessian")], q.rng(): jax.random.key(1)}, (), ctx_for(params, None))
-        return next(iter(out.values()))
+        inputs = Inputs({"op": vals[q.hvp_op("hessian")], "rng": jax.random.key(1)}, "lanczos")
+        out, _, _ = Lanczos(iters=9, k=2, which=which).apply(inputs, (), ctx_for(params, None))
+        return out["eigvals"]
     np.testing.assert_allclose(np.asarray(direct(params)), expect(w), atol=1e-9)
 
 
@@ -247,7 +272,9 @@ def test_spatial_average_axes_for_flax_kernels():
     for o in range(5):  # Somax's per-output-unit average, on flax's input axis 0
         np.testing.assert_allclose(dense_in[:, o], d["dense"][:, o].mean())
     # the module maps the whole tree and renames the quantity
+    from curvplan.modules._base import Inputs
+
     mod = SpatialAverage()
-    res, _ = mod.apply({mod.consumes()[0].quantity: jax.tree.map(jnp.asarray, d)}, (), ctx_for(None))
-    (got,) = res.values()
+    res, _ = mod.apply(Inputs({"curvature": jax.tree.map(jnp.asarray, d)}, "spatial_average"), (), ctx_for(None))
+    got = res["curvature"]
     np.testing.assert_allclose(np.asarray(got["conv"]), out["conv"])

@@ -1,4 +1,4 @@
-"""Fisher operators against dense float64 references (ALGORITHMS.md §2.4, §2.7).
+"""Fisher operators against dense float64 references (docs/math.md §2.4, §2.7).
 
 - Empirical Fisher: the ``per_example_grads`` provider's operator equals (1/B) Σ_b g_b g_bᵀ with g_b from an
   explicit Python loop of `jax.grad` over single examples (and differs from g gᵀ).

@@ -1,7 +1,7 @@
 """The pure LMO / polar / Schatten maps of `curvplan.modules.geometry` against numpy references (float64).
 
 References: numpy.linalg.svd (polar factor U Vᵀ, singular values), optax.contrib's own Newton-Schulz, and
-norms / dual norms written out here from their definitions (ALGORITHMS.md §7.1, in flax (d_in, d_out) layout).
+norms / dual norms written out here from their definitions (docs/math.md §7.1, in flax (d_in, d_out) layout).
 """
 
 from __future__ import annotations

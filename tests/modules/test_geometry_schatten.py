@@ -1,4 +1,4 @@
-"""Adaptive Schatten-p geometry (ALGORITHMS.md §7.6): the criterion against brute force on constructed spectra,
+"""Adaptive Schatten-p geometry (docs/math.md §7.6): the criterion against brute force on constructed spectra,
 the regimes it must pick, the criterion module on hand-built activations, and the four corner cases (SGD, Muon,
 Adam, MuAdam) against optax / a numpy reference. float64 throughout."""
 
@@ -19,13 +19,13 @@ from curvplan.ir import fresh
 from curvplan.ir import quantities as q
 from curvplan.lowering import _objective
 from curvplan.modules import Context, Module, UpdateTail
+from curvplan.modules._base import Inputs
 from curvplan.modules.geometry import (
     SchattenCriterion,
     SchattenDirection,
     best_inv_p,
     leaf_keys,
     log_criterion,
-    schatten_inv_p,
 )
 from curvplan.modules.geometry._adaptive import DEFAULT_GRID, criterion_inv_ps
 from curvplan.testing import assert_plan_text
@@ -90,6 +90,10 @@ def ctx_for(module, params):
     return Context(jnp.zeros((), jnp.int32), None, params, None, None, module.label)
 
 
+def criterion_inputs(mod, grads, acts, rng, prev):
+    return Inputs({"grad": grads, "activations": acts, "rng": rng, "prev_inv_p": prev}, mod.label)
+
+
 def spectra_inv_p(g, a):
     sg = np.linalg.svd(np.asarray(g), compute_uv=False)
     sa = np.linalg.svd(np.asarray(a), compute_uv=False)
@@ -115,21 +119,17 @@ def test_criterion_module_picks_per_layer_p_from_activations():
     mod = SchattenCriterion(init_p=2.0, report_layers=("['a']['w']", "['b']['w']"))
     ctx = ctx_for(mod, grads)
     state = mod.init(grads, ctx)
-    prev = mod.init_carried(schatten_inv_p(), grads, ctx)
+    prev = mod.init_carried("inv_p", grads, ctx)
     assert set(prev) == {"['a']['w']", "['b']['w']", "['c']['w']"}
-    out, state = mod.apply(
-        {q.grad(): grads, q.activations(): acts, q.rng(): None, schatten_inv_p(): prev}, state, ctx
-    )
-    inv = out[schatten_inv_p()]
+    out, state, info = mod.apply(criterion_inputs(mod, grads, acts, None, prev), state, ctx)
+    inv = out["inv_p"]
     assert float(inv["['a']['w']"]) == spectra_inv_p(ga, xa) == 1.0
     assert float(inv["['b']['w']"]) == spectra_inv_p(gb, xb) == 0.0
     assert float(inv["['c']['w']"]) == 0.5  # kept at init_p
-    assert float(ctx.info["p['a']['w']"]) == 1.0 and math.isinf(float(ctx.info["p['b']['w']"]))
-    assert float(ctx.info["p_min"]) == 1.0 and math.isinf(float(ctx.info["p_max"]))
+    assert float(info["p['a']['w']"]) == 1.0 and math.isinf(float(info["p['b']['w']"]))
+    assert float(info["p_min"]) == 1.0 and math.isinf(float(info["p_max"]))
     # a second refresh with the same data: the bias-corrected EMA of equal spectra is the same spectrum
-    _, state2 = mod.apply(
-        {q.grad(): grads, q.activations(): acts, q.rng(): None, schatten_inv_p(): inv}, state, ctx
-    )
+    _, state2, _ = mod.apply(criterion_inputs(mod, grads, acts, None, inv), state, ctx)
     np.testing.assert_allclose(
         np.asarray(state2.sg["['a']['w']"]) / (1 - 0.9**2),
         np.linalg.svd(ga, compute_uv=False)[:5],
@@ -139,18 +139,12 @@ def test_criterion_module_picks_per_layer_p_from_activations():
     # (σ from eigh of the Gram resolves singular values down to about √eps·σ_max ≈ 1e-8·8.4, hence the atol)
     # a non-finite refresh keeps the previous p and spectra and is counted
     bad = dict(acts, **{"['a']['w']": jnp.full((n, 8), jnp.nan)})
-    out3, state3 = mod.apply(
-        {
-            q.grad(): grads,
-            q.activations(): bad,
-            q.rng(): None,
-            schatten_inv_p(): {k: jnp.asarray(0.25) for k in inv},
-        },
-        state2,
-        ctx,
+    out3, state3, info3 = mod.apply(
+        criterion_inputs(mod, grads, bad, None, {k: jnp.asarray(0.25) for k in inv}), state2, ctx
     )
     assert int(state3.failures) == 1 and int(state3.count) == int(state2.count)
-    assert all(float(v) == 0.25 for v in out3[schatten_inv_p()].values())
+    assert all(float(v) == 0.25 for v in out3["inv_p"].values())
+    assert int(info3["criterion_failures"]) == 1
 
 
 def test_subsampled_spectrum_keeps_the_power_iteration_anchor():
@@ -159,20 +153,14 @@ def test_subsampled_spectrum_keeps_the_power_iteration_anchor():
     g = {"l": {"w": jnp.asarray(rs.randn(40, 30))}}
     mod = SchattenCriterion(max_dim=16)
     ctx = ctx_for(mod, g)
-    out, st = mod.apply(
-        {
-            q.grad(): g,
-            q.activations(): {"['l']['w']": jnp.asarray(x)},
-            q.rng(): jax.random.key(0),
-            schatten_inv_p(): None,
-        },
-        mod.init(g, ctx),
-        ctx,
+    prev = mod.init_carried("inv_p", g, ctx)
+    out, st, _ = mod.apply(
+        criterion_inputs(mod, g, {"['l']['w']": jnp.asarray(x)}, jax.random.key(0), prev), mod.init(g, ctx), ctx
     )
     sa = np.asarray(st.sa["['l']['w']"]) / 0.1
     assert sa.shape == (16,)
     np.testing.assert_allclose(sa[0], np.linalg.svd(x, compute_uv=False)[0], rtol=1e-6)  # exact σ_max anchor
-    assert np.all(np.isfinite(sa)) and float(out[schatten_inv_p()]["['l']['w']"]) in criterion_inv_ps()
+    assert np.all(np.isfinite(sa)) and float(out["inv_p"]["['l']['w']"]) in criterion_inv_ps()
 
 
 # -- the four corner cases -------------------------------------------------------------------------------------
@@ -253,14 +241,14 @@ def test_corner_muon():
     # the exact path is Muon with the exact polar factor
     got = trajectory_curvplan(corner(0.02, fixed_p="inf", vectors="adam"), params, loss_fn, batches)
     close(
-        got, trajectory_curvplan(cp.modules.geometry.presets.muon(0.02, ns="exact"), params, loss_fn, batches)
+        got, trajectory_curvplan(cp.presets.muon(0.02, ns="exact"), params, loss_fn, batches)
     )
 
 
 def test_corner_muadam():
     params, loss_fn, batches = problem(3)
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
-    got = trajectory_curvplan(cp.modules.geometry.presets.muadam(lr), params, loss_fn, batches)
+    got = trajectory_curvplan(cp.presets.muadam(lr), params, loss_fn, batches)
     # numpy reference, written from §7.6 (ii) with D = (√v̂ + eps)^(−1/2)
     p = jax.tree.map(np.asarray, params)
     m = jax.tree.map(np.zeros_like, p)
@@ -313,7 +301,7 @@ def layer_io(monkeypatch):
 
 def test_adaptive_schatten_end_to_end(layer_io):
     params, loss_fn, batches = problem(4)
-    mods = cp.modules.geometry.presets.adaptive_schatten(0.02, every=2, report_layers=("['l2']['w']",))
+    mods = cp.presets.adaptive_schatten(0.02, every=2, report_layers=("['l2']['w']",))
     opt = cp.Optimizer(mods, loss_fn=loss_fn)
     assert opt.plan.phase_of(0) != opt.plan.phase_of(1)
     state, p = opt.init(params), params
@@ -343,14 +331,14 @@ class _ActivationReader(Module):
     sink = True
 
     def consumes(self):
-        return (fresh(q.activations()),)
+        return {"acts": fresh(q.activations())}
 
     def produces(self):
-        return (q.quantity("kfac_stub"),)
+        return {"stub": q.quantity("kfac_stub")}
 
 
 def test_plan_with_another_activation_consumer_shares_one_layer_io():
-    mods = cp.modules.geometry.presets.adaptive_schatten(every=2) + [_ActivationReader()]
+    mods = cp.presets.adaptive_schatten(every=2) + [_ActivationReader()]
     assert_plan_text(
         cp.compile_plan(mods, name="shared"),
         """
@@ -358,14 +346,14 @@ def test_plan_with_another_activation_consumer_shares_one_layer_io():
         phase 0 @every(2) [layer_io]
           %activations, %grad, %loss = layer_io(params, batch)
           %kfac_stub                 = activation_reader_test(%activations)
-          %schatten_inv_p            = schatten_criterion(%grad, %activations, rng; ema=0.9, grid=(1.0,1.5,2.0,3.0,4.0,6.0,8.0,12.0,16.0,24.0,32.0,48.0,64.0), include_inf=True, init_p=1e+30, max_dim=512, report_layers=()) -> carried
-          %direction.schatten        = schatten_direction(%grad, %schatten_inv_p; adam_b1=0.9, b2=0.999, beta=0.95, eps=1e-08, exact_max_dim=1024, fixed_p=None, method=exact, nesterov=True, ns=standard, ns_steps=5, precondition=none, shape_scale=True, vectors=adam)
-          %update                    = update_tail(%direction.schatten, params; clip_norm=None, learning_rate=0.02, momentum=0.0, nesterov=False, source=schatten, weight_decay=0.0)
+          %schatten_inv_p            = schatten_criterion(%grad, %activations, rng, carried %schatten_inv_p) -> carried
+          %direction.schatten        = schatten_direction(%grad, %schatten_inv_p; vectors=adam)
+          %update                    = update_tail(%direction.schatten, params; learning_rate=0.02, source=schatten)
         phase 1 @every(2,+1) [layer_io]
           %activations, %grad, %loss = layer_io(params, batch)
           %kfac_stub                 = activation_reader_test(%activations)
-          %direction.schatten        = schatten_direction(%grad, carried %schatten_inv_p; adam_b1=0.9, b2=0.999, beta=0.95, eps=1e-08, exact_max_dim=1024, fixed_p=None, method=exact, nesterov=True, ns=standard, ns_steps=5, precondition=none, shape_scale=True, vectors=adam)
-          %update                    = update_tail(%direction.schatten, params; clip_norm=None, learning_rate=0.02, momentum=0.0, nesterov=False, source=schatten, weight_decay=0.0)
+          %direction.schatten        = schatten_direction(%grad, carried %schatten_inv_p; vectors=adam)
+          %update                    = update_tail(%direction.schatten, params; learning_rate=0.02, source=schatten)
         state: step, schatten_criterion.sg, schatten_criterion.sa, schatten_criterion.count, schatten_criterion.failures, schatten_direction.count, schatten_direction.m, schatten_direction.v, schatten_direction.adam_m, update_tail.opt_state, slot %schatten_inv_p
     """,
     )

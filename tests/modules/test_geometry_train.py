@@ -10,7 +10,7 @@ import pytest
 
 import curvplan as cp
 from benchmarks.workloads import get_workload
-from curvplan.modules.geometry import presets
+from curvplan.modules import presets
 
 PRESETS = {
     "muon": lambda: presets.muon(0.02),

@@ -20,7 +20,6 @@ from curvplan.modules.preconditioners._kfac import (
     KFACInverse,
     kfac,
     kfac_eigbasis,
-    kfac_factors,
     kfac_inverses,
 )
 from curvplan.testing import assert_plan_text
@@ -72,9 +71,8 @@ def test_factors_equal_per_example_definitions_and_ema():
     outs = []
     for b in (batch, batch2):
         vals = PROVIDER_IMPLS["layer_io"](obj, params, b, None)
-        out, state = mod.apply({q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
-                               state, ctx(params))
-        outs.append(out[kfac_factors()])
+        out, state = mod.apply({"acts": vals[q.activations()], "cots": vals[q.out_cotangents()]}, state, ctx(params))
+        outs.append(out["factors"])
     r1, r2 = reference_factors(params, batch), reference_factors(params, batch2)
     for key, name in (("['l0']['w']", "l0"), ("['l1']['w']", "l1")):
         np.testing.assert_allclose(outs[0][key][0], r1[name][0], rtol=1e-10, atol=1e-12)
@@ -141,21 +139,21 @@ def test_direction_equals_materialized_kronecker_solve(mode):
     gamma = 0.05
     inv = KFACInverse(pi_damping=gamma if mode == "pi" else None)  # "pi": stores the damped inverses
     carried_q = kfac_inverses(gamma) if mode == "pi" else kfac_eigbasis()
-    bases, inv_state = inv.apply({kfac_factors(): {k: tuple(map(jnp.asarray, v)) for k, v in factors.items()},
-                                  carried_q: inv.init_carried(None, params, ctx(params))},
-                                 inv.init(params, ctx(params)), ctx(params))
+    bases, inv_state, _ = inv.apply({"factors": {k: tuple(map(jnp.asarray, v)) for k, v in factors.items()},
+                                     "basis": inv.init_carried("basis", params, ctx(params))},
+                                    inv.init(params, ctx(params)), ctx(params))
     assert int(inv_state.failures) == 0
     direc = KFACDirection(damping=gamma, damping_mode=mode)
     assert carried_q in [u.quantity for u in direc.uses()]
     g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
-    out, _ = direc.apply({q.grad(): g, carried_q: bases[carried_q], q.activations(): acts},
-                         direc.init(params, ctx(params)), ctx(params))
-    u = out[q.direction("kfac")]
+    out, _, _ = direc.apply({"grad": g, "basis": bases["basis"], "acts": acts}, direc.init(params, ctx(params)),
+                            ctx(params))
+    u = out["direction"]
 
     def solve(A, G, grad_m):
         if mode == "exact":
             M = np.kron(A, G) + gamma * np.eye(A.shape[0] * G.shape[0])
-        else:  # π-adjusted Tikhonov damping (ALGORITHMS.md §6.1)
+        else:  # π-adjusted Tikhonov damping (docs/math.md §6.1)
             pi = np.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
             M = np.kron(A + pi * np.sqrt(gamma) * np.eye(len(A)), G + np.sqrt(gamma) / pi * np.eye(len(G)))
         return np.linalg.solve(M, grad_m.ravel()).reshape(grad_m.shape)  # row-major vec: (A⊗G)vec X = vec(A X G)
@@ -174,12 +172,12 @@ def test_failed_refresh_keeps_previous_bases_and_fallback_for_unhandled():
     inv = KFACInverse()
     state = inv.init(params, ctx(params))
     good = {"['l0']['w']": (jnp.eye(4) * 2.0, jnp.eye(4) * 3.0), "['l1']['w']": (jnp.eye(4), jnp.eye(2))}
-    out1, state = inv.apply({kfac_factors(): good, kfac_eigbasis(): inv.init_carried(None, params, ctx(params))},
-                            state, ctx(params))
+    out1, state, _ = inv.apply({"factors": good, "basis": inv.init_carried("basis", params, ctx(params))},
+                               state, ctx(params))
     bad = dict(good, **{"['l1']['w']": (jnp.full((4, 4), jnp.nan), jnp.eye(2))})
-    out2, state = inv.apply({kfac_factors(): bad, kfac_eigbasis(): out1[kfac_eigbasis()]}, state, ctx(params))
-    assert int(state.failures) == 1
-    jax.tree.map(np.testing.assert_array_equal, out2[kfac_eigbasis()], out1[kfac_eigbasis()])
+    out2, state, info = inv.apply({"factors": bad, "basis": out1["basis"]}, state, ctx(params))
+    assert int(state.failures) == 1 and int(info["kfac_inverse_failures"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, out2["basis"], out1["basis"])
 
     # a parameter used twice is not a layer: identity fallback, counted in telemetry
     shared = {"w": jnp.eye(3) * 0.5, "u": jnp.ones((3, 2))}
@@ -188,11 +186,33 @@ def test_failed_refresh_keeps_previous_bases_and_fallback_for_unhandled():
     assert "['w']" in vals[q.activations()].report.skipped
     direc = KFACDirection(damping_mode="exact")
     c = ctx(shared)
-    out, _ = direc.apply({q.grad(): vals[q.grad()], kfac_eigbasis(): inv.init_carried(None, shared, c),
-                          q.activations(): vals[q.activations()]}, direc.init(shared, c), c)
-    np.testing.assert_array_equal(out[q.direction("kfac")]["w"], vals[q.grad()]["w"])
-    np.testing.assert_array_equal(out[q.direction("kfac")]["u"], 0.0)  # no refresh yet: covered layers wait
-    assert int(c.info["kfac_layers"]) == 1 and int(c.info["kfac_fallback_leaves"]) == 1
+    out, _, info = direc.apply({"grad": vals[q.grad()], "basis": inv.init_carried("basis", shared, c),
+                                "acts": vals[q.activations()]}, direc.init(shared, c), c)
+    np.testing.assert_array_equal(out["direction"]["w"], vals[q.grad()]["w"])
+    np.testing.assert_array_equal(out["direction"]["u"], 0.0)  # no refresh yet: covered layers wait
+    assert int(info["kfac_layers"]) == 1 and int(info["kfac_fallback_leaves"]) == 1
+
+
+@pytest.mark.usefixtures("x64")
+def test_diagonal_fallback_is_the_bias_corrected_squared_gradient_average():
+    """``fallback="diagonal"`` gives a leaf discovery could not handle g / (v̂ + γ), v̂ the bias-corrected
+    EMA of g² (numpy, two steps); the identity fallback keeps no EMA (its ``v`` is ``()``)."""
+    shared = {"w": jnp.eye(3) * 0.5, "u": jnp.ones((3, 2))}
+    loss = lambda p, b: jnp.sum((b @ p["w"] @ p["w"] @ p["u"]) ** 2)  # noqa: E731
+    vals = PROVIDER_IMPLS["layer_io"](Objective(loss_fn=loss), shared, jnp.ones((2, 3)), None)
+    c = ctx(shared)
+    basis = KFACInverse().init_carried("basis", shared, c)
+    direc = KFACDirection(damping_mode="exact", damping=0.01, fallback="diagonal", fallback_ema=0.9)
+    state = direc.init(shared, c)
+    rs = np.random.RandomState(1)
+    grads = [{k: jnp.asarray(rs.randn(*x.shape)) for k, x in shared.items()} for _ in range(2)]
+    for g in grads:
+        out, state, _ = direc.apply({"grad": g, "basis": basis, "acts": vals[q.activations()]}, state, c)
+    g1, g2 = (np.asarray(g["w"]) for g in grads)
+    v = 0.9 * (0.1 * g1 ** 2) + 0.1 * g2 ** 2
+    np.testing.assert_allclose(out["direction"]["w"], g2 / (v / (1 - 0.9 ** 2) + 0.01), rtol=1e-12)
+    assert int(state.count) == 2
+    assert KFACDirection().init(shared, c).v == () and KFACDirection().state_names() == ("v", "count")
 
 
 def test_plan_text_shows_inverse_refresh_every_k():
@@ -200,16 +220,16 @@ def test_plan_text_shows_inverse_refresh_every_k():
         plan kfac: 2 phases, period 5
         phase 0 @every(5) [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1, stacked=())
-          %inverse.kfac                               = kfac_inverse(%kron.kfac, carried %inverse.kfac; out_axis=-1, pi_damping=0.1, stacked=()) -> carried
-          %direction.kfac                             = kfac_direction(%grad, %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1, stacked=())
-          %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents)
+          %inverse.kfac                               = kfac_inverse(%kron.kfac, carried %inverse.kfac; pi_damping=0.1) -> carried
+          %direction.kfac                             = kfac_direction(%grad, %inverse.kfac, %activations; damping=0.1)
+          %update                                     = update_tail(%direction.kfac, params; learning_rate=0.1, source=kfac)
         phase 1 otherwise [layer_io]
           %activations, %grad, %loss, %out_cotangents = layer_io(params, batch)
-          %direction.kfac                             = kfac_direction(%grad, carried %inverse.kfac, %activations; adaptive=False, damping=0.1, damping_mode=pi, fallback=identity, fallback_ema=0.99, out_axis=-1, stacked=())
-          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents; ema=0.95, labels=true, out_axis=-1, stacked=())
-          %update                                     = update_tail(%direction.kfac, params; clip_norm=None, learning_rate=0.1, momentum=0.0, nesterov=False, source=kfac, weight_decay=0.0)
-        state: step, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
+          %direction.kfac                             = kfac_direction(%grad, carried %inverse.kfac, %activations; damping=0.1)
+          %kron.kfac                                  = kfac_factors(%activations, %out_cotangents)
+          %update                                     = update_tail(%direction.kfac, params; learning_rate=0.1, source=kfac)
+        state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
     """)
 
 
@@ -238,21 +258,20 @@ def test_adaptive_direction_uses_the_carried_lambda(mode):
     vals = PROVIDER_IMPLS["layer_io"](obj, params, batch, None)
     c = ctx(params)
     factors = {k: v for k, v in KFACFactors().apply(
-        {q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
-        KFACFactors().init(params, c), c)[0][kfac_factors()].items()}
+        {"acts": vals[q.activations()], "cots": vals[q.out_cotangents()]},
+        KFACFactors().init(params, c), c)[0]["factors"].items()}
 
-    def refreshed(inv, out_q):
-        return inv.apply({kfac_factors(): factors, out_q: inv.init_carried(None, params, c)},
-                         inv.init(params, c), c)[0][out_q]
+    def refreshed(inv):
+        return inv.apply({"factors": factors, "basis": inv.init_carried("basis", params, c)},
+                         inv.init(params, c), c)[0]["basis"]
 
-    common = {q.grad(): vals[q.grad()], q.activations(): vals[q.activations()]}
+    common = {"grad": vals[q.grad()], "acts": vals[q.activations()]}
     fixed = KFACDirection(damping=0.037, damping_mode=mode)
-    fixed_q = kfac_inverses(0.037) if mode == "pi" else kfac_eigbasis()
-    fixed_in = {**common, fixed_q: refreshed(KFACInverse(pi_damping=0.037 if mode == "pi" else None), fixed_q)}
+    fixed_in = {**common, "basis": refreshed(KFACInverse(pi_damping=0.037 if mode == "pi" else None))}
     adapt = KFACDirection(damping=1.0, damping_mode=mode, adaptive=True)  # always the eigen form
-    adapt_in = {**common, kfac_eigbasis(): refreshed(KFACInverse(), kfac_eigbasis()), q.lam(): jnp.asarray(0.037)}
-    want = fixed.apply(fixed_in, fixed.init(params, c), c)[0][q.direction("kfac")]
-    got = adapt.apply(adapt_in, adapt.init(params, c), c)[0][q.direction("kfac")]
+    adapt_in = {**common, "basis": refreshed(KFACInverse()), "lam": jnp.asarray(0.037)}
+    want = fixed.apply(fixed_in, fixed.init(params, c), c)[0]["direction"]
+    got = adapt.apply(adapt_in, adapt.init(params, c), c)[0]["direction"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), got, want)
     assert q.lam() in [u.quantity for u in adapt.uses()] and q.lam() not in [u.quantity for u in fixed.uses()]
 
@@ -320,22 +339,20 @@ def test_stacked_layers_equal_the_unrolled_model(mode):
         fac = KFACFactors(ema=0.9, stacked=stacked)
         inv = KFACInverse(stacked=stacked, pi_damping=gamma if mode == "pi" else None)
         direc = KFACDirection(damping=gamma, damping_mode=mode, stacked=stacked)
-        basis_q = kfac_inverses(gamma) if mode == "pi" else kfac_eigbasis()
         fstate = fac.init(p, c)
         for s in range(2):
             xs = jax.random.normal(jax.random.fold_in(key, s), (6, 4))
             vals = PROVIDER_IMPLS["layer_io"](o, p, (xs, jnp.arange(6) % 2), None)
-            out, fstate = fac.apply({q.activations(): vals[q.activations()],
-                                     q.out_cotangents(): vals[q.out_cotangents()]}, fstate, c)
-        bases, _ = inv.apply({kfac_factors(): out[kfac_factors()], basis_q: inv.init_carried(None, p, c)},
-                             inv.init(p, c), c)
+            out, fstate = fac.apply({"acts": vals[q.activations()], "cots": vals[q.out_cotangents()]}, fstate, c)
+        bases, _, _ = inv.apply({"factors": out["factors"], "basis": inv.init_carried("basis", p, c)},
+                                inv.init(p, c), c)
         g = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
         if name == "unrolled":
             g = {f"s{i}": {"w": g["blocks"]["w"][i], "b": g["blocks"]["b"][i]} for i in range(3)} | {"out": g["out"]}
-        d, _ = direc.apply({q.grad(): g, basis_q: bases[basis_q], q.activations(): vals[q.activations()]},
-                           direc.init(p, c), c)
-        assert int(c.info["kfac_fallback_leaves"]) == 0 and int(c.info["kfac_layers"]) == 2 + 2 * (name == "unrolled")
-        results[name] = out[kfac_factors()], d[q.direction("kfac")]
+        d, _, info = direc.apply({"grad": g, "basis": bases["basis"], "acts": vals[q.activations()]},
+                                 direc.init(p, c), c)
+        assert int(info["kfac_fallback_leaves"]) == 0 and int(info["kfac_layers"]) == 2 + 2 * (name == "unrolled")
+        results[name] = out["factors"], d["direction"]
     (sf, sd), (uf, ud) = results["stacked"], results["unrolled"]
     assert sf["['blocks']['w']"][0].shape == (3, 5, 5)
     for i in range(3):
@@ -393,9 +410,9 @@ def test_conv_factors_follow_kfc_from_explicit_patches():
     obj = Objective(model_fn=model, loss_kind="ce")
     vals = PROVIDER_IMPLS["layer_io"](obj, params, (x, y), None)
     c = ctx(params)
-    out, _ = KFACFactors().apply({q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
+    out, _ = KFACFactors().apply({"acts": vals[q.activations()], "cots": vals[q.out_cotangents()]},
                                  KFACFactors().init(params, c), c)
-    A, G = out[kfac_factors()]["['conv']"]
+    A, G = out["factors"]["['conv']"]
     xn = np.asarray(x)
     patches = [xn[n, i:i + 3, j:j + 3, :].transpose(2, 0, 1).ravel() for n in range(4) for i in range(3) for j in range(3)]
     A_ref = sum(np.outer(a, a) for a in patches) / len(patches)
@@ -427,9 +444,8 @@ def test_per_head_weights_get_per_head_factors():
     vals = PROVIDER_IMPLS["layer_io"](obj, params, (x, jnp.arange(8) % 2), None)
     mod = KFACFactors(stacked=("['heads']",))
     c = ctx(params)
-    out, _ = mod.apply({q.activations(): vals[q.activations()], q.out_cotangents(): vals[q.out_cotangents()]},
-                       mod.init(params, c), c)
-    A, G = out[kfac_factors()]["['heads']"]
+    out, _ = mod.apply({"acts": vals[q.activations()], "cots": vals[q.out_cotangents()]}, mod.init(params, c), c)
+    A, G = out["factors"]["['heads']"]
     assert A.shape == (3, 4, 4) and G.shape == (3, 2, 2)  # no bias: the homogeneous slot is dropped
     for h, xh in enumerate((np.asarray(x), np.tanh(np.asarray(x)), np.asarray(x) ** 2)):
         np.testing.assert_allclose(A[h], xh.T @ xh / len(xh), rtol=1e-10, atol=1e-12)

@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import curvplan
-from curvplan.ir import quantities as q
-from curvplan.modules import Context, HutchinsonDiag, LinearOperator, curv_op
-from curvplan.modules.estimators._hutchinson import rademacher_like
 from helpers import cg_iterations
 
+import curvplan
+from curvplan.modules import Context, HutchinsonDiag, LinearOperator
+from curvplan.modules._base import Inputs
+from curvplan.modules.estimators._hutchinson import rademacher_like
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
 
@@ -131,8 +130,8 @@ def hutchinson(A, probes, key, params=None):
     mod = HutchinsonDiag(probes=probes)
     ctx = Context(step=jnp.zeros((), jnp.int32), rng=key, params=params, batch=None, objective=None,
                   module="hutch")
-    out, _ = mod.apply({curv_op(): LinearOperator(lambda v: Aj @ v), q.rng(): key}, (), ctx)
-    (d,) = out.values()
+    out, _ = mod.apply(Inputs({"op": LinearOperator(lambda v: Aj @ v), "rng": key}, "hutch"), (), ctx)
+    d = out["diag"]
     return np.asarray(d)
 
 
@@ -199,8 +198,8 @@ def test_hutchinson_on_pytree_params():
     ctx = Context(step=jnp.zeros((), jnp.int32), rng=key, params=params, batch=None, objective=None,
                   module="h")
     op = LinearOperator(lambda v: unravel(Aj @ ravel_pytree(v)[0]))
-    out, _ = mod.apply({curv_op(): op, q.rng(): key}, (), ctx)
-    (d,) = out.values()
+    out, _ = mod.apply(Inputs({"op": op, "rng": key}, "h"), (), ctx)
+    d = out["diag"]
     assert jax.tree.structure(d) == jax.tree.structure(params)
     est = np.asarray(ravel_pytree(d)[0])
     sigma = np.sqrt((A**2).sum(axis=1) - np.diag(A) ** 2)

@@ -24,10 +24,10 @@ def test_golden_newton_direct():
         plan newton_direct: 1 phase, period 1
         phase 0 @every(1) [linearize_grad]
           %grad, %hvp_op.hessian, %loss = linearize_grad(params, batch)
-          %lambda                       = constant_damping(lam=1.0) -> carried
+          %lambda                       = constant_damping() -> carried
           %curv_op                      = hessian(%hvp_op.hessian)
-          %direction.newton             = dense_direct(%curv_op, %grad, %lambda; max_params=4096, method=solve)
-          %update                       = update_tail(%direction.newton, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=newton, weight_decay=0.0)
+          %direction.newton             = dense_direct(%curv_op, %grad, %lambda)
+          %update                       = update_tail(%direction.newton, params)
         state: step, update_tail.opt_state, slot %lambda
     """)
 
@@ -37,10 +37,10 @@ def test_golden_ggn_direct():
         plan ggn_direct: 1 phase, period 1
         phase 0 @every(1) [linearize_model]
           %ggn_op.ce, %grad, %loss = linearize_model(params, batch, rng)
-          %lambda                  = constant_damping(lam=1.0) -> carried
-          %curv_op                 = ggn(%ggn_op.ce; loss=ce)
-          %direction.newton        = dense_direct(%curv_op, %grad, %lambda; max_params=4096, method=eigh)
-          %update                  = update_tail(%direction.newton, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=newton, weight_decay=0.0)
+          %lambda                  = constant_damping() -> carried
+          %curv_op                 = ggn(%ggn_op.ce)
+          %direction.newton        = dense_direct(%curv_op, %grad, %lambda; method=eigh)
+          %update                  = update_tail(%direction.newton, params)
         state: step, update_tail.opt_state, slot %lambda
     """)
 
@@ -50,9 +50,9 @@ def test_golden_egn_mse_cholesky():
         plan egn_mse: 1 phase, period 1
         phase 0 @every(1) [linearize_model]
           %loss, %model_lin = linearize_model(params, batch, rng)
-          %lambda           = constant_damping(lam=1.0) -> carried
-          %direction.newton = row_space(%model_lin, %lambda; ce_factor=exact, eps=1e-06, jitter=0.0, loss=mse, maxiter=20, solver=cholesky, tol=1e-05)
-          %update           = update_tail(%direction.newton, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=newton, weight_decay=0.0)
+          %lambda           = constant_damping() -> carried
+          %direction.newton = row_space(%model_lin, %lambda)
+          %update           = update_tail(%direction.newton, params)
         state: step, update_tail.opt_state, slot %lambda
     """)
 
@@ -62,9 +62,9 @@ def test_golden_egn_ce_cg():
         plan egn_ce_cg: 1 phase, period 1
         phase 0 @every(1) [linearize_model]
           %loss, %model_lin = linearize_model(params, batch, rng)
-          %lambda           = constant_damping(lam=1.0) -> carried
-          %direction.newton = row_space(%model_lin, %lambda; ce_factor=exact, eps=1e-06, jitter=0.0, loss=ce, maxiter=20, solver=cg, tol=1e-05)
-          %update           = update_tail(%direction.newton, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=newton, weight_decay=0.0)
+          %lambda           = constant_damping() -> carried
+          %direction.newton = row_space(%model_lin, %lambda; loss=ce, solver=cg)
+          %update           = update_tail(%direction.newton, params)
         state: step, update_tail.opt_state, slot %lambda
     """)
 
@@ -75,11 +75,11 @@ def test_golden_adahessian():
         phase 0 @every(1) [linearize_grad]
           %grad, %hvp_op.hessian, %loss = linearize_grad(params, batch)
           %curv_op                      = hessian(%hvp_op.hessian)
-          %diag.curvature               = hutchinson_diag(%curv_op, rng; probes=1)
-          %diag.curvature_1             = spatial_average(%diag.curvature; absolute=True, dense_inputs=False, estimate=((est,hutchinson),(probes,1)))
+          %diag.curvature               = hutchinson_diag(%curv_op, rng)
+          %diag.curvature_1             = spatial_average(%diag.curvature)
           %precond.diag                 = diag_ema(%diag.curvature_1; beta=0.999, estimate=((est,hutchinson),(probes,1),(spatial,mean)), mode=adahessian) -> carried
-          %direction.diag               = diagonal_direction(%grad, %precond.diag; beta1=0.9, eps=1e-08, gamma=0.01, mode=adahessian, power=1.0)
-          %update                       = update_tail(%direction.diag, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=diag, weight_decay=0.0)
+          %direction.diag               = diagonal_direction(%grad, %precond.diag)
+          %update                       = update_tail(%direction.diag, params; source=diag)
         state: step, diag_ema.v, diag_ema.count, diagonal_direction.m, diagonal_direction.count, update_tail.opt_state, slot %precond.diag
     """)
 
@@ -90,14 +90,14 @@ def test_golden_sophia_h():
         phase 0 @every(10) [linearize_grad]
           %grad, %hvp_op.hessian, %loss = linearize_grad(params, batch)
           %curv_op                      = hessian(%hvp_op.hessian)
-          %diag.curvature               = hutchinson_diag(%curv_op, rng; probes=1)
-          %precond.diag                 = diag_ema(%diag.curvature; beta=0.99, estimate=((est,hutchinson),(probes,1)), mode=sophia) -> carried
-          %direction.diag               = diagonal_direction(%grad, %precond.diag; beta1=0.965, eps=1e-08, gamma=0.01, mode=sophia, power=1.0)
-          %update                       = update_tail(%direction.diag, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=diag, weight_decay=0.2)
+          %diag.curvature               = hutchinson_diag(%curv_op, rng)
+          %precond.diag                 = diag_ema(%diag.curvature) -> carried
+          %direction.diag               = diagonal_direction(%grad, %precond.diag; beta1=0.965, mode=sophia)
+          %update                       = update_tail(%direction.diag, params; source=diag, weight_decay=0.2)
         phase 1 otherwise [value_and_grad]
           %grad, %loss    = value_and_grad(params, batch)
-          %direction.diag = diagonal_direction(%grad, carried %precond.diag; beta1=0.965, eps=1e-08, gamma=0.01, mode=sophia, power=1.0)
-          %update         = update_tail(%direction.diag, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=diag, weight_decay=0.2)
+          %direction.diag = diagonal_direction(%grad, carried %precond.diag; beta1=0.965, mode=sophia)
+          %update         = update_tail(%direction.diag, params; source=diag, weight_decay=0.2)
         state: step, diag_ema.v, diag_ema.count, diagonal_direction.m, diagonal_direction.count, update_tail.opt_state, slot %precond.diag
     """)
 
@@ -107,14 +107,14 @@ def test_golden_sophia_g():
         plan sophia_g: 2 phases, period 10
         phase 0 @every(10) [linearize_model]
           %fisher_op.sampled, %grad, %loss = linearize_model(params, batch, rng)
-          %diag.curvature                  = gnb_diag(%fisher_op.sampled, rng; samples=1)
-          %precond.diag                    = diag_ema(%diag.curvature; beta=0.99, estimate=((est,gnb),(probes,1)), mode=sophia) -> carried
-          %direction.diag                  = diagonal_direction(%grad, %precond.diag; beta1=0.965, eps=1e-08, gamma=0.05, mode=sophia, power=1.0)
-          %update                          = update_tail(%direction.diag, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=diag, weight_decay=0.2)
+          %diag.curvature                  = gnb_diag(%fisher_op.sampled, rng)
+          %precond.diag                    = diag_ema(%diag.curvature; estimate=((est,gnb),(probes,1))) -> carried
+          %direction.diag                  = diagonal_direction(%grad, %precond.diag; beta1=0.965, gamma=0.05, mode=sophia)
+          %update                          = update_tail(%direction.diag, params; source=diag, weight_decay=0.2)
         phase 1 otherwise [value_and_grad]
           %grad, %loss    = value_and_grad(params, batch)
-          %direction.diag = diagonal_direction(%grad, carried %precond.diag; beta1=0.965, eps=1e-08, gamma=0.05, mode=sophia, power=1.0)
-          %update         = update_tail(%direction.diag, params; clip_norm=None, learning_rate=1.0, momentum=0.0, nesterov=False, source=diag, weight_decay=0.2)
+          %direction.diag = diagonal_direction(%grad, carried %precond.diag; beta1=0.965, gamma=0.05, mode=sophia)
+          %update         = update_tail(%direction.diag, params; source=diag, weight_decay=0.2)
         state: step, diag_ema.v, diag_ema.count, diagonal_direction.m, diagonal_direction.count, update_tail.opt_state, slot %precond.diag
     """)
 
@@ -168,7 +168,7 @@ def test_preset_trains(preset, workload):
 
 # -- exact updates on a separable quadratic (Hutchinson is exact for a diagonal Hessian) --------------------
 def numpy_diag_method(a, b, x, steps, *, mode, lr, beta1, beta2, every=1, gamma=0.01, eps=1e-8, wd=0.0):
-    """ALGORITHMS.md §5 diagonal lane in plain numpy for f(x) = ½ Σ a_i x_i² − b·x (Hessian diag(a))."""
+    """docs/math.md §5 diagonal lane in plain numpy for f(x) = ½ Σ a_i x_i² − b·x (Hessian diag(a))."""
     m = np.zeros_like(x)
     v = np.zeros_like(x)
     k = 0

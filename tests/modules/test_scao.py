@@ -10,8 +10,7 @@ from helpers import train_losses
 
 import curvplan as cp
 from curvplan import scao
-from curvplan.ir import quantities as q
-from curvplan.modules._base import Context
+from curvplan.modules._base import Context, Inputs
 from curvplan.modules.preconditioners._grad_gram import GradGram, GramEigbasis
 from curvplan.modules.preconditioners._scao import (
     ScaoAdam,
@@ -77,8 +76,8 @@ def test_blend_weight_is_linear_from_zero():
     assert str(blend.cadence) == "@from(10)@until(14)"
     g, p = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
     for t, b in [(10, 0.0), (11, 0.25), (13, 0.75)]:
-        out, _ = blend.apply({q.grad(): g, q.direction("scao_pre"): p}, (), _ctx(g, t))
-        np.testing.assert_allclose(out[q.direction("scao_blend")]["w"], b)
+        out, _ = blend.apply(Inputs({"grad": g, "preconditioned": p}, "scao_blend"), (), _ctx(g, t))
+        np.testing.assert_allclose(out["direction"]["w"], b)
 
 
 def test_phases_are_visible_and_each_compiles_once():
@@ -173,16 +172,17 @@ def test_preconditioned_gradient_matches_dense_reference(x64, clip):
     pre = ScaoPrecondition(gram=gram.spec, clip=clip)
     gstate = gram.init(params, ctx)
     for g in grads[:3]:
-        _, gstate = gram.apply({q.grad(): jax.tree.map(jnp.asarray, g)}, gstate, ctx)
-    basis, _ = eig.apply({gram.outputs()[0]: gstate, eig.outputs()[0]: eig.init_carried(None, params, ctx)},
-                         eig.init(params, ctx), ctx)
-    basis = basis[eig.outputs()[0]]
-    sp, rank_state = spec.apply({gram.outputs()[0]: gstate, eig.outputs()[0]: basis}, spec.init(params, ctx), ctx)
-    sp = sp[spec.outputs()[0]]
+        _, gstate = gram.apply(Inputs({"grad": jax.tree.map(jnp.asarray, g)}, "grad_gram"), gstate, ctx)
+    basis, _, _ = eig.apply(Inputs({"factors": gstate, "basis": eig.init_carried("basis", params, ctx)},
+                                   "gram_eigbasis"), eig.init(params, ctx), ctx)
+    basis = basis["basis"]
+    sp, rank_state, _ = spec.apply(Inputs({"factors": gstate, "basis": basis}, "scao_spectrum"),
+                                   spec.init(params, ctx), ctx)
+    sp = sp["spectrum"]
     G = grads[3]
-    out, _ = pre.apply({q.grad(): jax.tree.map(jnp.asarray, G), eig.outputs()[0]: basis, spec.outputs()[0]: sp},
-                       (), ctx)
-    got = out[q.direction("scao_pre")]
+    out, _ = pre.apply(Inputs({"grad": jax.tree.map(jnp.asarray, G), "basis": basis, "spectrum": sp},
+                              "scao_precondition"), (), ctx)
+    got = out["direction"]
 
     # numpy reference
     L, R, d = 1e-4 * np.eye(20), 1e-4 * np.eye(12), np.zeros(12)
@@ -201,7 +201,7 @@ def test_preconditioned_gradient_matches_dense_reference(x64, clip):
     lo, hi = rank_bounds(20, 12, k_min, k_max)
     r = min(min(max(rank_by_definition(sl, eps_sparse), lo), hi), min(max(rank_by_definition(sr, eps_sparse), lo), hi))
     r = min(max(r, lo - 1), lo + 4)
-    assert int(rank_state[1][0]) == r and lo < r < hi  # per-leaf state in leaf order: ("b", "w")
+    assert int(rank_state.ranks[1][0]) == r and lo < r < hi  # per-leaf state in leaf order: ("b", "w")
     Ul, Ur, al, ar = Vl[:, :r], Vr[:, :r], sl[:r], sr[:r]
     P = Ul.T @ G["w"] @ Ur
     want = G["w"] + Ul @ ((np.outer(al**-0.25, ar**-0.25) - 1) * P) @ Ur.T
@@ -236,9 +236,9 @@ def test_warmup_and_first_blend_step_are_optax_adam(x64):
 
 def _adam_step(mod, g, params, step=0, rng=None):
     ctx = Context(jnp.asarray(step, jnp.int32), rng, params, None, None, "scao_adam")
-    inputs = {q.grad(): g, q.direction("scao_pre"): g, q.rng(): rng}
+    inputs = Inputs({"grad": g, "preconditioned": g, "rng": rng}, "scao_adam")
     out, state = mod.apply(inputs, mod.init(params, ctx), ctx)
-    return out[q.direction("scao")], state
+    return out["direction"], state
 
 
 def test_opt_in_gradient_mask_keeps_entries_above_the_quantile():

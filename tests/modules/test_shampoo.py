@@ -7,9 +7,8 @@ import pytest
 from helpers import never_loss, random_grads, run_optax, train_losses
 
 import curvplan as cp
-from curvplan.ir import quantities as q
 from curvplan.modules import UpdateTail
-from curvplan.modules._base import Context
+from curvplan.modules._base import Context, Inputs
 from curvplan.modules.preconditioners._grad_gram import (
     Eigbasis,
     Eigen,
@@ -180,23 +179,24 @@ def test_failed_refresh_keeps_previous_basis_and_root_and_counts(x64):
     eig = GramEigbasis(gram=gram.spec)
     ctx = _ctx(params)
     g = {"w": jnp.asarray(np.random.default_rng(4).normal(size=(3, 2)))}
-    _, gstate = gram.apply({q.grad(): g}, gram.init(params, ctx), ctx)
-    prev = eig.init_carried(None, params, ctx)
-    out, estate = eig.apply({gram.outputs()[0]: gstate, eig.outputs()[0]: prev}, eig.init(params, ctx), ctx)
-    good: Eigbasis = out[eig.outputs()[0]]
+    _, gstate = gram.apply(Inputs({"grad": g}, "grad_gram"), gram.init(params, ctx), ctx)
+    prev = eig.init_carried("basis", params, ctx)
+    out, estate, _ = eig.apply(Inputs({"factors": gstate, "basis": prev}, "gram_eigbasis"), eig.init(params, ctx),
+                               ctx)
+    good: Eigbasis = out["basis"]
     assert int(good.count) == 1 and int(estate.failures) == 0
     # a non-finite factor: the basis of that block is kept, the failure counted
     bad_factors = GramFactors((((gstate.factors[0][0][0] * jnp.nan, gstate.factors[0][0][1]),),), gstate.count)
-    out2, estate2 = eig.apply({gram.outputs()[0]: bad_factors, eig.outputs()[0]: good}, estate, ctx)
-    kept = out2[eig.outputs()[0]]
-    assert int(estate2.failures) == 1 and int(ctx.info["eig_failures"]) == 1
+    out2, estate2, info = eig.apply(Inputs({"factors": bad_factors, "basis": good}, "gram_eigbasis"), estate, ctx)
+    kept = out2["basis"]
+    assert int(estate2.failures) == 1 and int(info["eig_failures"]) == 1
     np.testing.assert_array_equal(kept.bases[0][0][0].Q, good.bases[0][0][0].Q)
     # Shampoo: a basis whose root is not finite (negative exponent of a NaN) keeps the previous root
     sh = Shampoo(gram=gram.spec, graft="none")
     s0 = sh.init(params, ctx)
-    _, s1 = sh.apply({q.grad(): g, sh.consumes()[1].quantity: good}, s0, ctx)
+    _, s1, _ = sh.apply(Inputs({"grad": g, "basis": good}, "shampoo"), s0, ctx)
     nan_basis = jax.tree.map(lambda x: x * jnp.nan if x.dtype.kind == "f" else x, good)
     nan_basis = Eigbasis(nan_basis.bases, good.count + 1)
-    _, s2 = sh.apply({q.grad(): g, sh.consumes()[1].quantity: nan_basis}, s1, _ctx(params))
-    assert int(s2.failures) == 1
+    _, s2, info = sh.apply(Inputs({"grad": g, "basis": nan_basis}, "shampoo"), s1, _ctx(params))
+    assert int(s2.failures) == 1 and int(info["shampoo_root_failures"]) == 1
     np.testing.assert_array_equal(s2.roots[0][0][0], s1.roots[0][0][0])

@@ -14,7 +14,7 @@ import curvplan as cp
 from curvplan.ir import fresh
 from curvplan.ir import quantities as q
 from curvplan.modules import Module, UpdateTail
-from curvplan.modules._base import Context
+from curvplan.modules._base import Context, Inputs
 from curvplan.modules.preconditioners._grad_gram import Eigbasis, Eigen, GradGram, GramEigbasis, power_qr
 from curvplan.modules.preconditioners._shampoo import Shampoo
 from curvplan.modules.preconditioners._soap import Soap, soap
@@ -39,14 +39,13 @@ class _Mix(Module):
     kind: Literal["test_mix_directions"] = "test_mix_directions"
 
     def consumes(self):
-        return (fresh(q.direction("shampoo")), fresh(q.direction("soap")))
+        return {"shampoo": fresh(q.direction("shampoo")), "soap": fresh(q.direction("soap"))}
 
     def produces(self):
-        return (q.direction("mix"),)
+        return {"direction": q.direction("mix")}
 
     def apply(self, inputs, state, ctx):
-        a, b = inputs[q.direction("shampoo")], inputs[q.direction("soap")]
-        return {q.direction("mix"): jax.tree.map(lambda x, y: 0.5 * (x + y), a, b)}, state
+        return {"direction": jax.tree.map(lambda x, y: 0.5 * (x + y), inputs.shampoo, inputs.soap)}, state
 
 
 def _shared():
@@ -67,20 +66,20 @@ def test_shampoo_and_soap_share_one_gram_and_one_eigendecomposition():
         plan shampoo_soap: 2 phases, period 5
         phase 0 @every(5) [value_and_grad]
           %grad, %loss        = value_and_grad(params, batch)
-          %kron.grad_gram     = grad_gram(%grad; beta=0.95, block_size=None, init_scale=0.0, max_dim=4096)
-          %eigbasis.grad_gram = gram_eigbasis(%kron.grad_gram, carried %eigbasis.grad_gram; method=eigh) -> carried
-          %direction.shampoo  = shampoo(%grad, %eigbasis.grad_gram; epsilon=1e-06, epsilon_abs=0.0, exponent=4.0, graft=adam, graft_beta2=0.999, graft_eps=1e-10, method=eigh)
-          %direction.soap     = soap(%grad, %eigbasis.grad_gram; b1=0.95, b2=0.95, correct_bias=True, eps=1e-08, method=eigh, moments=rotate)
+          %kron.grad_gram     = grad_gram(%grad)
+          %eigbasis.grad_gram = gram_eigbasis(%kron.grad_gram, carried %eigbasis.grad_gram) -> carried
+          %direction.shampoo  = shampoo(%grad, %eigbasis.grad_gram; graft=adam)
+          %direction.soap     = soap(%grad, %eigbasis.grad_gram; method=eigh)
           %direction.mix      = test_mix_directions(%direction.shampoo, %direction.soap)
-          %update             = update_tail(%direction.mix, params; clip_norm=None, learning_rate=0.01, momentum=0.0, nesterov=False, source=mix, weight_decay=0.0)
+          %update             = update_tail(%direction.mix, params; learning_rate=0.01, source=mix)
         phase 1 otherwise [value_and_grad]
           %grad, %loss       = value_and_grad(params, batch)
-          %kron.grad_gram    = grad_gram(%grad; beta=0.95, block_size=None, init_scale=0.0, max_dim=4096)
-          %direction.shampoo = shampoo(%grad, carried %eigbasis.grad_gram; epsilon=1e-06, epsilon_abs=0.0, exponent=4.0, graft=adam, graft_beta2=0.999, graft_eps=1e-10, method=eigh)
-          %direction.soap    = soap(%grad, carried %eigbasis.grad_gram; b1=0.95, b2=0.95, correct_bias=True, eps=1e-08, method=eigh, moments=rotate)
+          %kron.grad_gram    = grad_gram(%grad)
+          %direction.shampoo = shampoo(%grad, carried %eigbasis.grad_gram; graft=adam)
+          %direction.soap    = soap(%grad, carried %eigbasis.grad_gram; method=eigh)
           %direction.mix     = test_mix_directions(%direction.shampoo, %direction.soap)
-          %update            = update_tail(%direction.mix, params; clip_norm=None, learning_rate=0.01, momentum=0.0, nesterov=False, source=mix, weight_decay=0.0)
-        state: step, grad_gram.factors, grad_gram.count, gram_eigbasis.failures, shampoo.roots, shampoo.graft, soap.m, soap.v, update_tail.opt_state, slot %eigbasis.grad_gram
+          %update            = update_tail(%direction.mix, params; learning_rate=0.01, source=mix)
+        state: step, grad_gram.factors, grad_gram.count, gram_eigbasis.failures, shampoo.roots, shampoo.seen, shampoo.failures, shampoo.graft, shampoo.count, soap.m, soap.v, soap.used, soap.seen, soap.count, update_tail.opt_state, slot %eigbasis.grad_gram
     """)
     # against SOAP alone, adding Shampoo (and the mix) adds no Gram and no eigendecomposition
     alone = [m for m in _shared() if not isinstance(m, (Shampoo, _Mix, UpdateTail))]
@@ -202,11 +201,11 @@ def test_second_moment_follows_the_basis_permutation(x64):
     basis = Eigbasis((((Eigen(jnp.eye(3), jnp.ones(3), perm_l), Eigen(jnp.eye(3), jnp.ones(3), perm_r)),),),
                      jnp.ones((), jnp.int32))
     g = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3)))
-    _, new = soap_m.apply({q.grad(): {"w": g}, soap_m.consumes()[1].quantity: basis}, state, ctx)
+    _, new = soap_m.apply(Inputs({"grad": {"w": g}, "basis": basis}, "soap"), state, ctx)
     want = 0.5 * np.asarray(v0)[np.ix_(np.asarray(perm_l), np.asarray(perm_r))] + 0.5 * np.asarray(g) ** 2
     np.testing.assert_allclose(new.v[0][0], want)
     # the same basis again (count unchanged): no second permutation
-    _, newer = soap_m.apply({q.grad(): {"w": g}, soap_m.consumes()[1].quantity: basis}, new, ctx)
+    _, newer = soap_m.apply(Inputs({"grad": {"w": g}, "basis": basis}, "soap"), new, ctx)
     np.testing.assert_allclose(newer.v[0][0], 0.5 * want + 0.5 * np.asarray(g) ** 2)
 
 

@@ -3,7 +3,7 @@
 References are built here from scratch: the losses are re-written, the Hessian comes from `jax.hessian` of the
 flattened parameter vector, the GGN from `jax.jacobian` of the flattened model outputs times the per-example
 output Hessians Λ_b (themselves `jax.hessian` of the re-written per-example loss), and every solve is
-`numpy.linalg.solve` in float64 (ALGORITHMS.md §2.1-2.5, §3, §8.1).
+`numpy.linalg.solve` in float64 (docs/math.md §2.1-2.5, §3, §8.1).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import curvplan as cp
-from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
-from curvplan.modules import ConstantDamping, Context, DiagEMA, GGN, Hessian, HutchinsonDiag, UpdateTail
+from curvplan.modules import GGN, ConstantDamping, Context, DiagEMA, Hessian, HutchinsonDiag, UpdateTail
+from curvplan.modules._base import Inputs
 from curvplan.modules.curvature._fisher import model_lin
 from curvplan.modules.solvers._direct import DenseDirect, DiagonalSolve, IdentitySolve
 from curvplan.modules.solvers._row import RowSpace, row_system
@@ -120,14 +120,14 @@ def test_diagonal_and_identity_solves():
     g = {"a": jnp.asarray(rs.randn(3, 2)), "b": jnp.asarray(rs.randn(4))}
     d = {"a": jnp.asarray(rs.randn(3, 2)), "b": jnp.asarray(np.abs(rs.randn(4)))}
     lam = 0.25
-    out, _ = DiagonalSolve(eps=0.0).apply(
-        {q.grad(): g, q.quantity("precond", "diag"): d, q.lam(): jnp.asarray(lam)}, (), ctx_for(g, None))
-    (s,) = out.values()
+    out, _ = DiagonalSolve(eps=0.0).apply(Inputs({"grad": g, "diag": d, "lam": jnp.asarray(lam)}, "diag"), (),
+                                          ctx_for(g, None))
+    s = out["direction"]
     for k in g:  # s = g / (max(d, 0) + λ), negative curvature entries clipped to 0
         want = np.asarray(g[k]) / (np.maximum(np.asarray(d[k]), 0) + lam)
         np.testing.assert_allclose(np.asarray(s[k]), want)
-    out, _ = IdentitySolve().apply({q.grad(): g}, (), ctx_for(g, None))
-    (s,) = out.values()
+    out, _ = IdentitySolve().apply(Inputs({"grad": g}, "identity"), (), ctx_for(g, None))
+    s = out["direction"]
     assert all(np.array_equal(np.asarray(s[k]), np.asarray(g[k])) for k in g)
 
 
@@ -153,9 +153,9 @@ def run_row(kind, d_out, lam, **kw):
     @jax.jit
     def solve(params, batch):
         lin = PROVIDER_IMPLS["linearize_model"](Objective(model_fn=mlp, loss_kind=kind), params, batch, None)
-        inputs = {model_lin(): lin[model_lin()], q.lam(): jnp.asarray(lam)}
-        out, _ = mod.apply(inputs, (), ctx_for(params, batch))
-        return next(iter(out.values()))
+        inputs = Inputs({"lin": lin[model_lin()], "lam": jnp.asarray(lam)}, "row")
+        out, _, _ = mod.apply(inputs, (), ctx_for(params, batch))
+        return out["direction"]
 
     s = solve(params, batch)
     ref = np.linalg.solve(G + lam * np.eye(len(g)), g)
@@ -186,7 +186,7 @@ def test_row_ce_cholesky_factor_variant():
 
 
 def test_somax_ce_row_factorization_is_wrong():
-    """ALGORITHMS.md §8.1: J̃ = L J (Somax v1.0.1) gives Jᵀ LᵀL J ≠ Jᵀ L Lᵀ J; rebuild that system densely
+    """docs/math.md §8.1: J̃ = L J (Somax v1.0.1) gives Jᵀ LᵀL J ≠ Jᵀ L Lᵀ J; rebuild that system densely
     and check it misses the GGN step while ours hits it."""
     kind, d_out, lam = "ce", 4, 0.05
     params, (x, y), g, H, G = dense_reference(kind, d_out)

@@ -11,8 +11,8 @@ import pytest
 
 import curvplan as cp
 from benchmarks.workloads import get_workload
-from curvplan.ir import quantities as q
 from curvplan.modules import CG, ConstantDamping, GainRatio, Hessian, TrustRegionDamping, UpdateTail
+from curvplan.modules._base import Inputs
 
 
 def _quadratic(seed=0, n=6):
@@ -52,7 +52,7 @@ def test_gain_ratio_matches_closed_form_on_a_quadratic(x64, lam, include_lambda)
 
 
 def _lambda_rule(lam, rho, low=0.25, high=0.75, inc=1.5, dec=0.5, lo=1e-12, hi=1e6):
-    """ALGORITHMS.md §4, written out in plain Python."""
+    """docs/math.md §4, written out in plain Python."""
     if not np.isfinite(rho):
         return lam
     r = min(max(rho, -5.0), 5.0)
@@ -70,9 +70,10 @@ def test_trust_region_lambda_follows_the_rule():
                              module="tr")
     lam = 1.0
     for rho in [0.1, 0.9, 0.5, np.nan, -100.0, 10.0, 0.75, 0.25, 0.2] + [0.0] * 80:
-        out, state = mod.apply({q.rho(): jnp.asarray(rho, jnp.float32)}, state, ctx)
+        out, state, info = mod.apply(Inputs({"rho": jnp.asarray(rho, jnp.float32)}, "tr"), state, ctx)
         lam = _lambda_rule(lam, rho)
-        np.testing.assert_allclose(float(out[q.lam()]), lam, rtol=1e-5)
+        np.testing.assert_allclose(float(out["lam"]), lam, rtol=1e-5)
+        assert float(info["lambda_next"]) == float(out["lam"]) == float(state.lam)
     assert lam == 1e6  # eighty increases hit the clamp
 
 
@@ -81,6 +82,17 @@ def test_trust_region_config_errors():
         TrustRegionDamping(low=0.9, high=0.5)
     with pytest.raises(cp.Error, match="outside"):
         TrustRegionDamping(lam0=1e9)
+
+
+@pytest.mark.parametrize("kw, module", [({}, "trust_region_damping"), ({"name": "tr"}, "tr")])
+def test_trust_region_bad_bounds_raise_one_config_error_naming_the_module(kw, module):
+    with pytest.raises(cp.ConfigError) as e:
+        TrustRegionDamping(low=0.9, high=0.1, **kw)
+    text = str(e.value)
+    assert text.count("where:") == 1 and text.count("fix:") == 1, text
+    assert e.value.where == f"module `{module}`"
+    assert e.value.what == "low=0.9 must be below high=0.1"
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # raised once, not chained
 
 
 def test_adding_a_trust_region_adds_exactly_the_rho_nodes_at_their_cadence():

@@ -95,10 +95,19 @@ def test_cadence():
     msg = raises(cp.CadenceError, mods)
     assert "`ema`" in msg and "`dir`" in msg and "%v" in msg and "@every(10)" in msg
     assert "step 1" in msg
-    # the three fixes the message offers all work
+    # the fixes the message offers all work; `dir` makes the update, which runs every step, so giving it
+    # ema's cadence is not offered (and is refused)
     cp.compile_plan([Toy(name="ema", reads=("loss",), makes=("v",)), mods[1]])
-    cp.compile_plan([mods[0], Toy(name="dir", reads=("grad", "v"), makes=("update",), every=10)])
     cp.compile_plan([mods[0], Toy(name="dir", reads=("grad", "v"), carry=("v",), makes=("update",))])
+    assert "make `dir` run only" not in msg
+    msg = raises(cp.CadenceError, [mods[0], Toy(name="dir", reads=("grad", "v"), makes=("update",), every=10)])
+    assert "`dir` produces %update" in msg and "MultiSteps" in msg
+    # a consumer that does not make the update may take the producer's cadence
+    side = [mods[0], Toy(name="side", reads=("v",), makes=("z",), is_sink=True), Toy(name="sgd", reads=("grad",),
+                                                                                     makes=("update",))]
+    msg = raises(cp.CadenceError, side)
+    assert "make `side` run only on @every(10)" in msg
+    cp.compile_plan([side[0], Toy(name="side", reads=("v",), makes=("z",), is_sink=True, every=10), side[2]])
 
 
 def test_duplicate_name():
@@ -141,7 +150,7 @@ def test_config_error_of_an_unnamed_module_names_its_kind():
 
 def test_period():
     mods = [
-        Toy(name="a", reads=("grad",), makes=("update",), every=997),
+        Toy(name="a", reads=("grad",), makes=("y",), is_sink=True, every=997),
         Toy(name="b", reads=("loss",), makes=("z",), is_sink=True, every=1009),
     ]
     msg = raises(cp.PeriodError, mods)

@@ -26,7 +26,7 @@ SGD = Toy(name="sgd", reads=("grad",), makes=("update",))
 DEAD_WITH_CADENCE = [SGD, Toy(name="dead", reads=("loss",), makes=("z",), every=3)]  # nothing reads %z
 UNION_PAST_A_STOP = [
     Toy(name="P", reads=("loss",), makes=("p",)),
-    Toy(name="A", reads=("p",), makes=("update",), stop=3),
+    Toy(name="A", reads=("p",), makes=("y",), is_sink=True, stop=3),
     Toy(name="B", reads=("p",), makes=("z",), is_sink=True, every=2, offset=1),
 ]
 CARRIED_TRIANGLE = [  # A -> B -> C -> A, all carried; B runs on even steps

@@ -34,7 +34,7 @@ def test_an_inf_gradient_leaves_sophia_state_untouched():
     tx = cp.as_optax(cp.presets.sophia_h(1e-2, hessian_every=2), loss)
     b, key = jnp.ones((5, 4)), jax.random.key(0)
     s = tx.init(params)
-    for t in range(3):
+    for _ in range(3):
         _, s = tx.update(jax.grad(loss)(params, b), s, params, batch=b, rng=key)
     before = _floats(s.plan_state)
     bad = jax.tree.map(lambda g: g.at[0, 0].set(jnp.inf), jax.grad(loss)(params, b))

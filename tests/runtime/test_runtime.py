@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import never_loss
 
 import curvplan as cp
 from curvplan.ir import quantities as q
 from curvplan.lowering import ce_loss
-from helpers import never_loss
 
 
 def _mlp(params, x):
@@ -55,7 +55,7 @@ def test_compiles_once_per_phase_and_matches_unplanned_over_20_steps():
     pa = pb = params
     sa, sb = a.init(params), b.init(params)
     key = jax.random.key(7)
-    for t in range(20):
+    for _ in range(20):
         pa, sa, ia = a.step(pa, sa, batch, key)
         pb, sb, ib = b.step(pb, sb, batch, key)
         np.testing.assert_allclose(float(ia.loss), float(ib.loss), rtol=1e-5)

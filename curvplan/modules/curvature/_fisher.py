@@ -1,4 +1,4 @@
-"""Fisher curvature operators (ALGORITHMS.md §2.4, §2.7) and the ``%model_lin`` quantity."""
+"""Fisher curvature operators (docs/math.md §2.4, §2.7) and the ``%model_lin`` quantity."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ class EmpiricalFisher(Module):
     kind: Literal["empirical_fisher"] = "empirical_fisher"
 
     def consumes(self):
-        return (fresh(q.fisher_op("empirical")),)
+        return {"fisher": fresh(q.fisher_op("empirical"))}
 
     def produces(self):
-        return (curv_op(),)
+        return {"op": curv_op()}
 
     def apply(self, inputs, state, ctx):
-        return {curv_op(): inputs[q.fisher_op("empirical")]}, state
+        return {"op": inputs.fisher}, state
 
 
 class SampledFisher(Module):
@@ -50,14 +50,14 @@ class SampledFisher(Module):
     kind: Literal["sampled_fisher"] = "sampled_fisher"
 
     def consumes(self):
-        return (fresh(q.fisher_op("sampled")), fresh(q.rng()))
+        return {"fisher": fresh(q.fisher_op("sampled")), "rng": fresh(q.rng())}
 
     def produces(self):
-        return (curv_op(),)
+        return {"op": curv_op()}
 
     def apply(self, inputs, state, ctx):
-        key = require_rng(inputs[q.rng()], ctx, "sampled targets")
-        return {curv_op(): inputs[q.fisher_op("sampled")].operator(key)}, state
+        key = require_rng(inputs.rng, ctx, "sampled targets")
+        return {"op": inputs.fisher.operator(key)}, state
 
 
 def require_rng(key, ctx, what: str):

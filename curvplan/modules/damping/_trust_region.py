@@ -4,17 +4,18 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field, model_validator
 
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
 from curvplan.ir._errors import ConfigError
-from curvplan.modules._base import Module, tree_add_scaled, tree_vdot
+from curvplan.modules._base import Module
 from curvplan.modules.curvature import curv_op
 
 
 class GainRatio(Module):
-    """The trust-region gain ratio ρ = actual / predicted decrease of the step just taken (ALGORITHMS.md §4).
+    """The trust-region gain ratio ρ = actual / predicted decrease of the step just taken (docs/math.md §4).
 
     With δ the **final applied** update (after learning rate, momentum, clipping, weight decay):
     act = L(θ) − L(θ + δ) on the same batch (one extra forward), pred = −(gᵀδ + ½(δᵀCδ + λ‖δ‖²)) (one
@@ -35,38 +36,40 @@ class GainRatio(Module):
                    ("rho", "float"))
 
     def consumes(self):
-        return (fresh(q.update()), fresh(q.loss()), fresh(q.grad()), fresh(curv_op()), carried(q.lam()),
-                fresh(q.params()), fresh(q.batch()))
+        return {"update": fresh(q.update()), "loss": fresh(q.loss()), "grad": fresh(q.grad()),
+                "op": fresh(curv_op()), "lam": carried(q.lam()), "params": fresh(q.params()),
+                "batch": fresh(q.batch())}
 
     def produces(self):
-        return (q.rho(),)
+        return {"rho": q.rho()}
 
-    def init_carried(self, quantity, params, ctx):
+    def init_carried(self, name, params, ctx):
         return jnp.asarray(jnp.nan, jnp.result_type(float))
 
     def apply(self, inputs, state, ctx):
-        delta, g, lam = inputs[q.update()], inputs[q.grad()], inputs[q.lam()]
-        params, batch = inputs[q.params()], inputs[q.batch()]
-        loss_after = ctx.objective.loss(tree_add_scaled(params, 1.0, delta), batch)
-        quad = tree_vdot(delta, inputs[curv_op()].mv(delta))
+        vdot = optax.tree.vdot
+        delta, g, lam = inputs.update, inputs.grad, inputs.lam
+        loss_after = ctx.objective.loss(optax.tree.add_scale(inputs.params, 1.0, delta), inputs.batch)
+        quad = vdot(delta, inputs.op.mv(delta))
         if self.include_lambda:
-            quad = quad + lam * tree_vdot(delta, delta)
-        pred = -(tree_vdot(g, delta) + 0.5 * quad)
-        act = inputs[q.loss()] - loss_after
+            quad = quad + lam * vdot(delta, delta)
+        pred = -(vdot(g, delta) + 0.5 * quad)
+        act = inputs.loss - loss_after
         valid = jnp.isfinite(act) & jnp.isfinite(pred) & (pred > 1e-16)
         rho = jnp.where(valid, act / jnp.where(valid, pred, 1.0), jnp.nan)
-        for key, value in (("loss_after", loss_after), ("pred_decrease", pred), ("act_decrease", act), ("rho", rho)):
-            ctx.report(key, value)
-        return {q.rho(): rho}, state
+        info = {"loss_after": loss_after, "pred_decrease": pred, "act_decrease": act, "rho": rho}
+        return {"rho": rho}, state, info
 
 
 class TrustRegionState(NamedTuple):
+    """The current λ and how many valid gain ratios have moved it."""
+
     lam: jax.Array
     updates: jax.Array
 
 
 class TrustRegionDamping(Module):
-    """Levenberg-Marquardt damping driven by the gain ratio ``%rho`` (ALGORITHMS.md §4).
+    """Levenberg-Marquardt damping driven by the gain ratio ``%rho`` (docs/math.md §4).
 
     When ρ is valid (finite): clip it to [−5, 5]; ρ < ``low`` → λ ×= ``increase``; ρ > ``high`` → λ ×=
     ``decrease``; clamp λ to [``lam_min``, ``lam_max``]. An invalid ρ leaves λ unchanged. Runs after
@@ -91,33 +94,31 @@ class TrustRegionDamping(Module):
     @model_validator(mode="after")
     def _check(self):
         if not self.low < self.high:
-            raise ConfigError(f"low={self.low} must be below high={self.high}", where=f"module `{self.name}`",
-                              fix="e.g. low=0.25, high=0.75")
+            raise ConfigError(f"low={self.low} must be below high={self.high}", fix="e.g. low=0.25, high=0.75")
         if not self.lam_min <= self.lam0 <= self.lam_max:
             raise ConfigError(f"lam0={self.lam0} is outside [lam_min, lam_max]=[{self.lam_min}, {self.lam_max}]",
-                              where=f"module `{self.name}`", fix="change lam0 or the bounds")
+                              fix="change lam0 or the bounds")
         return self
 
     def consumes(self):
-        return (fresh(q.rho()),)
+        return {"rho": fresh(q.rho())}
 
     def produces(self):
-        return (q.lam(),)
+        return {"lam": q.lam()}
 
     def _lam0(self):
         return jnp.asarray(self.lam0, jnp.result_type(float))
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> TrustRegionState:
         return TrustRegionState(self._lam0(), jnp.zeros((), jnp.int32))
 
-    def init_carried(self, quantity, params, ctx):
+    def init_carried(self, name, params, ctx):
         return self._lam0()
 
-    def apply(self, inputs, state, ctx):
-        rho = inputs[q.rho()]
+    def apply(self, inputs, state: TrustRegionState, ctx):
+        rho = inputs.rho
         valid = jnp.isfinite(rho)
         r = jnp.clip(jnp.where(valid, rho, 0.5 * (self.low + self.high)), -5.0, 5.0)
         factor = jnp.where(r < self.low, self.increase, jnp.where(r > self.high, self.decrease, 1.0))
         lam = jnp.where(valid, jnp.clip(state.lam * factor, self.lam_min, self.lam_max), state.lam)
-        ctx.report("lambda_next", lam)
-        return {q.lam(): lam}, TrustRegionState(lam, state.updates + valid.astype(jnp.int32))
+        return {"lam": lam}, TrustRegionState(lam, state.updates + valid.astype(jnp.int32)), {"lambda_next": lam}

@@ -1,4 +1,4 @@
-"""Gauss-Newton-Bartlett diagonal (Sophia-G's estimator; ALGORITHMS.md §2.7)."""
+"""Gauss-Newton-Bartlett diagonal (Sophia-G's estimator; docs/math.md §2.7)."""
 
 from __future__ import annotations
 
@@ -31,15 +31,14 @@ class GNBDiag(Module):
     info_fields = (("gnb_samples", "int"),)
 
     def consumes(self):
-        return (fresh(q.fisher_op("sampled")), fresh(q.rng()))
+        return {"fisher": fresh(q.fisher_op("sampled")), "rng": fresh(q.rng())}
 
     def produces(self):
-        return (q.diag("curvature", est="gnb", probes=self.samples),)
+        return {"diag": q.diag("curvature", est="gnb", probes=self.samples)}
 
     def apply(self, inputs, state, ctx):
-        key = require_rng(inputs[q.rng()], ctx, "sampled labels")
-        sampler = inputs[q.fisher_op("sampled")]
+        key = require_rng(inputs.rng, ctx, "sampled labels")
+        sampler = inputs.fisher
         gs = sampler.grads(key, self.samples)
         d = jax.tree.map(lambda g: sampler.batch_size * jnp.mean(g * g, axis=0), gs)
-        ctx.report("gnb_samples", jnp.asarray(self.samples, jnp.int32))
-        return {self.produces()[0]: d}, state
+        return {"diag": d}, state, {"gnb_samples": jnp.asarray(self.samples, jnp.int32)}

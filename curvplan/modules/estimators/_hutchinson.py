@@ -32,21 +32,20 @@ class HutchinsonDiag(Module):
     probes: int = Field(1, ge=1)
 
     def consumes(self):
-        return (fresh(curv_op()), fresh(q.rng()))
+        return {"op": fresh(curv_op()), "rng": fresh(q.rng())}
 
     def produces(self):
-        return (q.diag("curvature", est="hutchinson", probes=self.probes),)
+        return {"diag": q.diag("curvature", est="hutchinson", probes=self.probes)}
 
     def apply(self, inputs, state, ctx):
-        key = inputs[q.rng()]
+        key = inputs.rng
         if key is None:
             raise LoweringError(
                 "HutchinsonDiag needs random probes but the step was given no rng",
                 where=f"module `{ctx.module}`, quantity rng",
                 fix="pass `rng=jax.random.key(0)` (or any key) to step / update / run",
             )
-        op = inputs[curv_op()]
         z = rademacher_like(key, ctx.params, self.probes)
-        cz = jax.vmap(op.mv)(z)
+        cz = jax.vmap(inputs.op.mv)(z)
         d = jax.tree.map(lambda a, b: jnp.mean(a * b, axis=0), z, cz)
-        return {self.outputs()[0]: d}, state
+        return {"diag": d}, state

@@ -1,8 +1,9 @@
-"""Lanczos extreme eigenvalues of the curvature (ALGORITHMS.md §2.6: Somax declares a spectrum only)."""
+"""Lanczos extreme eigenvalues of the curvature (docs/math.md §2.6: Somax declares a spectrum only)."""
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -89,14 +90,14 @@ class Lanczos(Module):
     info_fields = (("eig_max", "float"), ("eig_min", "float"), ("lanczos_iters", "int"))
 
     def consumes(self):
-        return (fresh(curv_op()), fresh(q.rng()))
+        return {"op": fresh(curv_op()), "rng": fresh(q.rng())}
 
     def produces(self):
-        return (q.eigvals("curvature", est="lanczos", iters=self.iters, k=self.k, which=self.which),)
+        return {"eigvals": q.eigvals("curvature", est="lanczos", iters=self.iters, k=self.k, which=self.which)}
 
     def apply(self, inputs, state, ctx):
-        key = require_rng(inputs[q.rng()], ctx, "a random start vector")
-        op = inputs[curv_op()]
+        key = require_rng(inputs.rng, ctx, "a random start vector")
+        op = inputs.op
         flat, unravel = ravel_pytree(ctx.params)
         k0, k1 = jax.random.split(key)
         v0 = jax.random.normal(k0, flat.shape, flat.dtype)
@@ -104,7 +105,5 @@ class Lanczos(Module):
         k = min(self.k, ritz.shape[0])
         small, large = ritz[:k], ritz[::-1][:k]
         out = {"largest": large, "smallest": small, "both": jnp.concatenate([small, large])}[self.which]
-        ctx.report("eig_max", ritz[-1])
-        ctx.report("eig_min", ritz[0])
-        ctx.report("lanczos_iters", jnp.asarray(ritz.shape[0], jnp.int32))
-        return {self.produces()[0]: out}, state
+        info = {"eig_max": ritz[-1], "eig_min": ritz[0], "lanczos_iters": jnp.asarray(ritz.shape[0], jnp.int32)}
+        return {"eigvals": out}, state, info

@@ -1,7 +1,7 @@
 """Shared Hutchinson probes: one batch of products ``(z_s, C z_s)`` feeds the diagonal and the trace.
 
 ``HutchinsonProbes(probes=S)`` produces ``%probes.curvature[probes=S]``; `ProbeDiag` and `HutchinsonTrace`
-consume it, so a plan that wants both runs the S operator products once (ALGORITHMS.md §1 Q7, §2.6).
+consume it, so a plan that wants both runs the S operator products once (docs/math.md §1 Q7, §2.6).
 
 See `curvplan.modules._presets_second_order.hutchinson_estimates` for the list that shares them.
 """
@@ -21,10 +21,7 @@ from curvplan.modules.curvature._fisher import require_rng
 from curvplan.modules.curvature._operators import curv_op
 from curvplan.modules.estimators._hutchinson import rademacher_like
 
-
-def probes(num: int):
-    """``%probes.curvature[probes=num]``: Rademacher probes and their operator products."""
-    return q.quantity("probes", "curvature", probes=num)
+probes = q.probes
 
 
 class Probes(NamedTuple):
@@ -47,17 +44,16 @@ class HutchinsonProbes(Module):
     info_fields = (("hutchinson_probes", "int"),)
 
     def consumes(self):
-        return (fresh(curv_op()), fresh(q.rng()))
+        return {"op": fresh(curv_op()), "rng": fresh(q.rng())}
 
     def produces(self):
-        return (probes(self.probes),)
+        return {"probes": probes(self.probes)}
 
     def apply(self, inputs, state, ctx):
-        key = require_rng(inputs[q.rng()], ctx, "random probes")
+        key = require_rng(inputs.rng, ctx, "random probes")
         z = rademacher_like(key, ctx.params, self.probes)
-        cz = jax.vmap(inputs[curv_op()].mv)(z)
-        ctx.report("hutchinson_probes", jnp.asarray(self.probes, jnp.int32))
-        return {probes(self.probes): Probes(z, cz)}, state
+        cz = jax.vmap(inputs.op.mv)(z)
+        return {"probes": Probes(z, cz)}, state, {"hutchinson_probes": jnp.asarray(self.probes, jnp.int32)}
 
 
 class ProbeDiag(Module):
@@ -75,15 +71,15 @@ class ProbeDiag(Module):
     probes: int = Field(1, ge=1)
 
     def consumes(self):
-        return (fresh(probes(self.probes)),)
+        return {"probes": fresh(probes(self.probes))}
 
     def produces(self):
-        return (q.diag("curvature", est="hutchinson", probes=self.probes),)
+        return {"diag": q.diag("curvature", est="hutchinson", probes=self.probes)}
 
     def apply(self, inputs, state, ctx):
-        p = inputs[probes(self.probes)]
+        p = inputs.probes
         d = jax.tree.map(lambda a, b: jnp.mean(a * b, axis=0), p.z, p.cz)
-        return {self.produces()[0]: d}, state
+        return {"diag": d}, state
 
 
 class HutchinsonTrace(Module):
@@ -103,17 +99,15 @@ class HutchinsonTrace(Module):
     info_fields = (("trace", "float"), ("trace_stderr", "float"))
 
     def consumes(self):
-        return (fresh(probes(self.probes)),)
+        return {"probes": fresh(probes(self.probes))}
 
     def produces(self):
-        return (q.trace("curvature", est="hutchinson", probes=self.probes),)
+        return {"trace": q.trace("curvature", est="hutchinson", probes=self.probes)}
 
     def apply(self, inputs, state, ctx):
-        p = inputs[probes(self.probes)]
+        p = inputs.probes
         per = sum(jnp.sum((a * b).reshape(a.shape[0], -1), axis=1)
                   for a, b in zip(jax.tree.leaves(p.z), jax.tree.leaves(p.cz)))
         t = jnp.mean(per)
         se = jnp.std(per, ddof=1) / jnp.sqrt(per.shape[0]) if self.probes > 1 else jnp.nan
-        ctx.report("trace", t)
-        ctx.report("trace_stderr", se)
-        return {self.produces()[0]: t}, state
+        return {"trace": t}, state, {"trace": t, "trace_stderr": se}

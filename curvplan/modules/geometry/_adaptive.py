@@ -1,4 +1,4 @@
-"""Adaptive per-layer Schatten-p geometry (ALGORITHMS.md §7.6): the criterion and the direction.
+"""Adaptive per-layer Schatten-p geometry (docs/math.md §7.6): the criterion and the direction.
 
 `SchattenCriterion` (every 100 steps by default) reads the layer gradients and the layer inputs
 (``%activations``, the ``layer_io`` provider shared with K-FAC), keeps EMAs of their singular values and writes
@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -106,6 +107,8 @@ def _spectrum(x: jax.Array, length: int, max_dim: int, key: jax.Array | None):
 
 
 class CriterionState(NamedTuple):
+    """Per layer key: the EMAs of the gradient's and the inputs' singular values; refreshes and failures."""
+
     sg: dict
     sa: dict
     count: jax.Array
@@ -118,8 +121,9 @@ class SchattenCriterion(Module):
     ``G`` is the layer's kernel gradient (conv kernels as ``(kh·kw·c_in, c_out)``), ``A`` the layer inputs from
     ``%activations`` (``(N, d_in)``). Singular values are EMA'd (``ema``, bias-corrected by the number of
     refreshes) and sub-sampled above ``max_dim``. p ranges over ``grid`` (plus ∞ when ``include_inf``). Writes
-    the carried ``%schatten_inv_p``; layers ``%activations`` does not cover keep their previous value. A
-    refresh whose spectra are not finite is discarded and counted (``criterion_failures``).
+    the carried ``%schatten_inv_p`` (and reads its previous value, carried): layers ``%activations`` does not
+    cover keep their previous value. A refresh whose spectra are not finite is discarded (every layer keeps
+    its previous p) and counted (``criterion_failures``).
 
     Telemetry: ``p_min``, ``p_max``, ``p_mean`` (harmonic: 1/mean(1/p)) over layers, and ``p[<layer key>]``
     for every key named in ``report_layers``.
@@ -145,10 +149,11 @@ class SchattenCriterion(Module):
         return base + tuple((f"p{k}", "float") for k in self.report_layers)
 
     def consumes(self):
-        return (fresh(q.grad()), fresh(q.activations()), fresh(q.rng()))
+        return {"grad": fresh(q.grad()), "activations": fresh(q.activations()), "rng": fresh(q.rng()),
+                "prev_inv_p": carried(schatten_inv_p())}
 
     def produces(self):
-        return (schatten_inv_p(),)
+        return {"inv_p": schatten_inv_p()}
 
     def _layers(self, params):
         return {k: x for k, x in zip(leaf_keys(params), jax.tree.leaves(params)) if x.ndim >= 2}
@@ -157,23 +162,22 @@ class SchattenCriterion(Module):
         g = x.reshape(-1, x.shape[-1])
         return min(min(g.shape), self.max_dim), min(g.shape[0], self.max_dim)
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> CriterionState:
         layers = self._layers(params)
         dt = lambda x: jnp.promote_types(x.dtype, jnp.float32)
         sg = {k: jnp.zeros(self._lengths(x)[0], dt(x)) for k, x in layers.items()}
         sa = {k: jnp.zeros(self._lengths(x)[1], dt(x)) for k, x in layers.items()}
         return CriterionState(sg, sa, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-    def init_carried(self, qv, params, ctx):
+    def init_carried(self, name, params, ctx):
         inv = 0.0 if self.init_p >= 1e30 else 1.0 / self.init_p
         return {k: jnp.asarray(inv, jnp.float32) for k in self._layers(params)}
 
-    def apply(self, inputs, state, ctx):
-        g, acts, key = inputs[q.grad()], inputs[q.activations()], inputs[q.rng()]
+    def apply(self, inputs, state: CriterionState, ctx):
+        g, acts, key, prev = inputs.grad, inputs.activations, inputs.rng, inputs.prev_inv_p
         layers = self._layers(g)
         inv_ps = criterion_inv_ps(self.include_inf, self.grid)
         count = state.count + 1
-        bc = 1 - self.ema**count
         sg, sa, out = dict(state.sg), dict(state.sa), {}
         ok = jnp.array(True)
         keys = dict(zip(layers, jax.random.split(key, len(layers)))) if key is not None and layers else {}
@@ -186,38 +190,29 @@ class SchattenCriterion(Module):
             s_g, wg = _spectrum(x.reshape(-1, x.shape[-1]).astype(dt), lg, self.max_dim, kg)
             s_a, wa = _spectrum(jnp.asarray(acts[k], dt), la, self.max_dim, ka)
             ok = ok & jnp.all(jnp.isfinite(s_g)) & jnp.all(jnp.isfinite(s_a))
-            sg[k] = self.ema * state.sg[k] + (1 - self.ema) * s_g
-            sa[k] = self.ema * state.sa[k] + (1 - self.ema) * s_a
-            out[k] = best_inv_p(sg[k] / bc, sa[k] / bc, inv_ps, wg, wa).astype(jnp.float32)
-        prev = inputs.get(schatten_inv_p())
-        init = 0.0 if self.init_p >= 1e30 else 1.0 / self.init_p
-        inv = {
-            k: out.get(k, jnp.asarray(init, jnp.float32)) if prev is None else out.get(k, prev[k])
-            for k in layers
-        }
+            sg[k], sa[k] = optax.tree.update_moment((s_g, s_a), (state.sg[k], state.sa[k]), self.ema, 1)
+            s_g_hat, s_a_hat = optax.tree.bias_correction((sg[k], sa[k]), self.ema, count)
+            out[k] = best_inv_p(s_g_hat, s_a_hat, inv_ps, wg, wa).astype(jnp.float32)
+        inv = {k: jnp.where(ok, out[k], prev[k]) if k in out else prev[k] for k in layers}
         new = CriterionState(sg, sa, count, state.failures)
         kept = CriterionState(state.sg, state.sa, state.count, state.failures + 1)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
-        if prev is not None:
-            inv = {k: jnp.where(ok, v, prev[k]) for k, v in inv.items()}
-        self._report(ctx, inv, new.failures)
-        return {schatten_inv_p(): inv}, new
+        new = optax.tree.where(ok, new, kept)
+        return {"inv_p": inv}, new, self._info(inv, new.failures)
 
-    def _report(self, ctx, inv, failures):
+    def _info(self, inv, failures) -> dict:
+        info = {"criterion_failures": failures}
         if inv:
             v = jnp.stack(list(inv.values()))
             to_p = lambda x: jnp.where(x > 0, 1.0 / jnp.maximum(x, 1e-30), jnp.inf)
-            ctx.report("p_min", to_p(jnp.max(v)))
-            ctx.report("p_max", to_p(jnp.min(v)))
-            ctx.report("p_mean", to_p(jnp.mean(v)))
-            for k in self.report_layers:
-                if k in inv:
-                    ctx.report(f"p{k}", to_p(inv[k]))
-        ctx.report("criterion_failures", failures)
+            info |= {"p_min": to_p(jnp.max(v)), "p_max": to_p(jnp.min(v)), "p_mean": to_p(jnp.mean(v))}
+            info |= {f"p{k}": to_p(inv[k]) for k in self.report_layers if k in inv}
+        return info
 
 
 # -- the direction ---------------------------------------------------------------------------------------
 class SchattenState(NamedTuple):
+    """The step count, the EMAs of g (``beta``) and g² (``b2``), and the auxiliary Adam's first moment."""
+
     count: jax.Array
     m: object
     v: object
@@ -262,14 +257,14 @@ class SchattenDirection(Module):
     shape_scale: bool = True
 
     def consumes(self):
-        uses = (fresh(q.grad()),)
-        return uses if self.fixed_p is not None else uses + (carried(schatten_inv_p()),)
+        uses = {"grad": fresh(q.grad())}
+        return uses if self.fixed_p is not None else uses | {"inv_p": carried(schatten_inv_p())}
 
     def produces(self):
-        return (q.direction("schatten"),)
+        return {"direction": q.direction("schatten")}
 
-    def init(self, params, ctx):
-        z = jax.tree.map(jnp.zeros_like, params)
+    def init(self, params, ctx) -> SchattenState:
+        z = optax.tree.zeros_like(params)
         return SchattenState(jnp.zeros((), jnp.int32), z, z, z)
 
     def _fixed_inv_p(self):
@@ -279,22 +274,21 @@ class SchattenDirection(Module):
             else (1.0 / float(self.fixed_p))
         )
 
-    def apply(self, inputs, state, ctx):
-        g = inputs[q.grad()]
+    def apply(self, inputs, state: SchattenState, ctx):
+        g = inputs.grad
         count = state.count + 1
-        c = count
         m, m_hat = ema_moments(g, state.m, count, self.beta, self.nesterov)
-        v = jax.tree.map(lambda a, b: self.b2 * a + (1 - self.b2) * b**2, state.v, g)
+        v = optax.tree.update_moment_per_elem_norm(g, state.v, self.b2, 2)
         am, am_hat = ema_moments(g, state.adam_m, count, self.adam_b1, self.nesterov)
         keys, leaves = leaf_keys(g), jax.tree.leaves(g)
         treedef = jax.tree.structure(g)
-        mh, vl, amh = jax.tree.leaves(m_hat), jax.tree.leaves(v), jax.tree.leaves(am_hat)
-        inv_tab = None if self.fixed_p is not None else inputs[schatten_inv_p()]
+        mh, vh, amh = (jax.tree.leaves(t) for t in (m_hat, optax.tree.bias_correction(v, self.b2, count), am_hat))
+        inv_tab = None if self.fixed_p is not None else inputs.inv_p
         out: list = [None] * len(leaves)
         mats, inv_list, idx = [], [], []
         d_of = {}
         for i, x in enumerate(leaves):
-            v_hat = vl[i] / (1 - self.b2**c).astype(x.dtype)
+            v_hat = vh[i]
             d = (jnp.sqrt(v_hat) + self.eps) ** -0.5 if self.precondition == "adam" else None
             if x.ndim in (2, 4):  # conv kernels (kh, kw, c_in, c_out) as (kh·kw·c_in, c_out)
                 idx.append(i)
@@ -311,8 +305,7 @@ class SchattenDirection(Module):
             s = max(1.0, fan_out / fan_in) ** 0.5 if self.shape_scale else 1.0
             phi = phi.reshape(leaves[i].shape) * s ** (1.0 - inv)
             out[i] = phi if d_of[i] is None else d_of[i] * phi
-        new = SchattenState(count, m, v, am)
-        return {q.direction("schatten"): jax.tree.unflatten(treedef, out)}, new
+        return {"direction": jax.tree.unflatten(treedef, out)}, SchattenState(count, m, v, am)
 
     def _phi(self, stack, inv_p):
         """Φ_p on a stack of equal-shape matrices with per-matrix ``1/p``."""

@@ -1,4 +1,4 @@
-"""LMO directions over a parameter tree (Scion-style, ALGORITHMS.md §7.1), with same-shape stacking."""
+"""LMO directions over a parameter tree (Scion-style, docs/math.md §7.1), with same-shape stacking."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field
 
 from curvplan.ir import fresh
@@ -42,6 +43,8 @@ def stacked_map(fn: Callable, mats: list[jax.Array], extras: list | None = None)
 
 
 class LMOState(NamedTuple):
+    """The gradient momentum (``()`` when ``beta`` is 0)."""
+
     m: object
 
 
@@ -76,10 +79,10 @@ class LMODirection(Module):
     ns_steps: int = Field(5, ge=1)
 
     def consumes(self):
-        return (fresh(q.grad()),) + ((fresh(q.params()),) if self.constrained else ())
+        return {"grad": fresh(q.grad())} | ({"params": fresh(q.params())} if self.constrained else {})
 
     def produces(self):
-        return (q.direction("lmo"),)
+        return {"direction": q.direction("lmo")}
 
     def leaf_rule(self, key: str, shape: tuple[int, ...]) -> tuple[str, float]:
         """(norm, radius) for the leaf with this key path and shape."""
@@ -90,12 +93,12 @@ class LMODirection(Module):
                 break
         return (_maps.auto_norm(shape) if norm == "auto" else norm), radius
 
-    def init(self, params, ctx):
-        return LMOState(jax.tree.map(jnp.zeros_like, params) if self.beta else ())
+    def init(self, params, ctx) -> LMOState:
+        return LMOState(optax.tree.zeros_like(params) if self.beta else ())
 
-    def apply(self, inputs, state, ctx):
-        g = inputs[q.grad()]
-        m = jax.tree.map(lambda a, b: self.beta * a + (1 - self.beta) * b, state.m, g) if self.beta else g
+    def apply(self, inputs, state: LMOState, ctx):
+        g = inputs.grad
+        m = optax.tree.update_moment(g, state.m, self.beta, 1) if self.beta else g
         leaves, treedef = jax.tree.flatten(m)
         keys = leaf_keys(m)
         rules = [self.leaf_rule(k, x.shape) for k, x in zip(keys, leaves)]
@@ -125,5 +128,5 @@ class LMODirection(Module):
         d = [o * r for o, (_, r) in zip(out, rules)]
         d = jax.tree.unflatten(treedef, d)
         if self.constrained:
-            d = jax.tree.map(jnp.add, d, inputs[q.params()])
-        return {q.direction("lmo"): d}, LMOState(m if self.beta else ())
+            d = optax.tree.add(d, inputs.params)
+        return {"direction": d}, LMOState(m if self.beta else ())

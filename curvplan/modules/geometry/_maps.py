@@ -1,4 +1,4 @@
-"""Pure LMO / polar / Schatten-p maps on matrices (ALGORITHMS.md §7, §8.6).
+"""Pure LMO / polar / Schatten-p maps on matrices (docs/math.md §7, §8.6).
 
 Every map here takes a 2-D array ``m`` (or a stack ``(S, rows, cols)`` where noted) in the **flax layout**
 ``(d_in, d_out)`` and returns the unit-ball maximiser of ``<m, ·>`` for its norm, times the published shape
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvplan.modules import _linalg
-from curvplan.modules._linalg import mm as _mm, symmetrize
+from curvplan.modules._linalg import mm as _mm
+from curvplan.modules._linalg import symmetrize
+
 NormName = Literal["frobenius", "sign", "spectral", "spectral_conv", "colnorm", "rownorm", "bias_rms"]
 
 STANDARD_NS = (3.4445, -4.7750, 2.0315)

@@ -1,13 +1,14 @@
-"""Muon (ALGORITHMS.md §7.2): Nesterov momentum + Newton-Schulz on matrices, AdamW on every other leaf."""
+"""Muon (docs/math.md §7.2): Nesterov momentum + Newton-Schulz on matrices, AdamW on every other leaf."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from pydantic import ConfigDict, Field, field_serializer
+import optax
+from pydantic import ConfigDict, Field, PlainSerializer
 
 from curvplan.ir import fresh
 from curvplan.ir import quantities as q
@@ -22,20 +23,26 @@ def ema_moments(g, m, count, beta: float, nesterov: bool):
 
     ``count`` is the number of updates including this one.
     """
-    m = jax.tree.map(lambda a, b: beta * a + (1 - beta) * b, m, g)
-    c = count
-
-    def bc(x, n):
-        return x / (1 - beta**n).astype(x.dtype)
-
+    m = optax.tree.update_moment(g, m, beta, 1)
     if nesterov:
-        m_hat = jax.tree.map(lambda a, b: beta * bc(a, c + 1) + (1 - beta) * bc(b, c), m, g)
+        m_hat = jax.tree.map(
+            lambda a, b: beta * a + (1 - beta) * b,
+            optax.tree.bias_correction(m, beta, count + 1),
+            optax.tree.bias_correction(g, beta, count),
+        )
     else:
-        m_hat = jax.tree.map(lambda a: bc(a, c), m)
+        m_hat = optax.tree.bias_correction(m, beta, count)
     return m, m_hat
 
 
+def _callable_name(f):
+    """How a ``param_labels`` callable prints in settings (a plain serializer, so a default None stays unprinted)."""
+    return None if f is None else f"<callable {getattr(f, '__name__', type(f).__name__)}>"
+
+
 class MuonState(NamedTuple):
+    """The step count, Muon's momentum and AdamW's two moments (each shaped like params, on every leaf)."""
+
     count: jax.Array
     mu: Any
     adam_mu: Any
@@ -77,17 +84,13 @@ class MuonDirection(Module):
     adam_lr_ratio: float = Field(1.0, gt=0)
     """AdamW's learning rate divided by Muon's (the tail applies Muon's)."""
     adam_keys: tuple[str, ...] = ()
-    param_labels: Callable[[Any], Any] | None = None
-
-    @field_serializer("param_labels")
-    def _labels(self, f):
-        return None if f is None else f"<callable {getattr(f, '__name__', type(f).__name__)}>"
+    param_labels: Annotated[Callable[[Any], Any] | None, PlainSerializer(_callable_name)] = None
 
     def consumes(self):
-        return (fresh(q.grad()), fresh(q.params()))
+        return {"grad": fresh(q.grad()), "params": fresh(q.params())}
 
     def produces(self):
-        return (q.direction("muon"),)
+        return {"direction": q.direction("muon")}
 
     def route(self, params) -> list[bool]:
         """Per leaf (``jax.tree.leaves`` order): True for Muon, False for AdamW."""
@@ -115,20 +118,20 @@ class MuonDirection(Module):
             )
         return out
 
-    def init(self, params, ctx):
-        zeros = jax.tree.map(jnp.zeros_like, params)
+    def init(self, params, ctx) -> MuonState:
+        zeros = optax.tree.zeros_like(params)
         return MuonState(jnp.zeros((), jnp.int32), zeros, zeros, zeros)
 
-    def apply(self, inputs, state, ctx):
-        g, params = inputs[q.grad()], inputs[q.params()]
+    def apply(self, inputs, state: MuonState, ctx):
+        g, params = inputs.grad, inputs.params
         count = state.count + 1
         mu, mu_hat = ema_moments(g, state.mu, count, self.beta, self.nesterov)
         am, am_hat = ema_moments(g, state.adam_mu, count, self.adam_b1, self.nesterov)
-        av = jax.tree.map(lambda v, x: self.adam_b2 * v + (1 - self.adam_b2) * x**2, state.adam_nu, g)
+        av = optax.tree.update_moment_per_elem_norm(g, state.adam_nu, self.adam_b2, 2)
+        av_hat = optax.tree.bias_correction(av, self.adam_b2, count)
         is_muon = self.route(g)
         leaves, treedef = jax.tree.flatten(g)
-        mh, amh, avl, th = (jax.tree.leaves(t) for t in (mu_hat, am_hat, av, params))
-        c = count
+        mh, amh, avh, th = (jax.tree.leaves(t) for t in (mu_hat, am_hat, av_hat, params))
         out: list = [None] * len(leaves)
         idx = [i for i, r in enumerate(is_muon) if r]
         ns = None if self.ns == "exact" else self.ns
@@ -147,10 +150,8 @@ class MuonDirection(Module):
             out[i] = scale * o + self.weight_decay * th[i] if self.weight_decay else scale * o
         for i, r in enumerate(is_muon):
             if not r:
-                v_hat = avl[i] / (1 - self.adam_b2**c).astype(avl[i].dtype)
-                d = amh[i] / (jnp.sqrt(v_hat + self.adam_eps_root) + self.eps)
+                d = amh[i] / (jnp.sqrt(avh[i] + self.adam_eps_root) + self.eps)
                 if self.adam_weight_decay:
                     d = d + self.adam_weight_decay * th[i]
                 out[i] = self.adam_lr_ratio * d if self.adam_lr_ratio != 1.0 else d
-        new = MuonState(count, mu, am, av)
-        return {q.direction("muon"): jax.tree.unflatten(treedef, out)}, new
+        return {"direction": jax.tree.unflatten(treedef, out)}, MuonState(count, mu, am, av)

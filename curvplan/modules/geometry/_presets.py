@@ -1,7 +1,7 @@
 """Geometry presets: `muon`, `scion`, `adaptive_schatten`, `muadam` (plain module lists).
 
 >>> import curvplan as cp
->>> from curvplan.modules.geometry import presets
+>>> from curvplan.modules import presets
 >>> print(cp.compile_plan(presets.muon(), name="muon"))  # doctest: +ELLIPSIS
 plan muon: 1 phase, period 1
 phase 0 @every(1) [value_and_grad]

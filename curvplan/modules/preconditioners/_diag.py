@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -14,7 +15,9 @@ precond_diag = q.precond_diag
 
 
 class DiagEMAState(NamedTuple):
-    v: object
+    """The raw (not bias-corrected) EMA ``v`` and the number of refreshes ``count``."""
+
+    v: Any
     count: jax.Array
 
 
@@ -32,21 +35,27 @@ class DiagEMA(Module):
     """Attributes of the ``%diag.curvature`` quantity to average."""
 
     def consumes(self):
-        return (fresh(q.diag("curvature", **dict(self.estimate))),)
+        return {"curvature": fresh(q.diag("curvature", **dict(self.estimate)))}
 
     def produces(self):
-        return (precond_diag(),)
+        return {"diag": precond_diag()}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> DiagEMAState:
         return DiagEMAState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
 
-    def apply(self, inputs, state, ctx):
-        d = inputs[self.consumes()[0].quantity]
-        contrib = d if self.mode == "sophia" else jax.tree.map(jnp.square, d)
-        v = jax.tree.map(lambda a, b: self.beta * a + (1 - self.beta) * b, state.v, contrib)
+    def apply(self, inputs, state: DiagEMAState, ctx):
+        v = optax.tree.update_moment(inputs.curvature, state.v, self.beta, 1 if self.mode == "sophia" else 2)
         count = state.count + 1
+        # not optax.tree.bias_correction: the floor keeps a beta that rounds to 1 from dividing by zero
         bc = jnp.maximum(1 - self.beta ** count.astype(jnp.result_type(float)), 1e-8)
-        return {precond_diag(): jax.tree.map(lambda x: x / bc, v)}, DiagEMAState(v, count)
+        return {"diag": jax.tree.map(lambda x: x / bc, v)}, DiagEMAState(v, count)
+
+
+class DiagonalDirectionState(NamedTuple):
+    """The first moment ``m`` (EMA of the gradient, not bias-corrected) and the step ``count``."""
+
+    m: Any
+    count: jax.Array
 
 
 class DiagonalDirection(Module):
@@ -64,21 +73,21 @@ class DiagonalDirection(Module):
     eps: float = Field(1e-8, gt=0)
 
     def consumes(self):
-        return (fresh(q.grad()), carried(precond_diag()))
+        return {"grad": fresh(q.grad()), "diag": carried(precond_diag())}
 
     def produces(self):
-        return (q.direction("diag"),)
+        return {"direction": q.direction("diag")}
 
-    def init(self, params, ctx):
-        return DiagEMAState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+    def init(self, params, ctx) -> DiagonalDirectionState:
+        return DiagonalDirectionState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
 
-    def apply(self, inputs, state, ctx):
-        g, v = inputs[q.grad()], inputs[precond_diag()]
-        m = jax.tree.map(lambda a, b: self.beta1 * a + (1 - self.beta1) * b, state.v, g)
+    def apply(self, inputs, state: DiagonalDirectionState, ctx):
+        g, v = inputs.grad, inputs.diag
+        m = optax.tree.update_moment(g, state.m, self.beta1, 1)
         count = state.count + 1
-        mhat = jax.tree.map(lambda x: x / (1 - self.beta1 ** count.astype(jnp.result_type(float))), m)
+        mhat = optax.tree.bias_correction(m, self.beta1, count)
         if self.mode == "adahessian":
             s = jax.tree.map(lambda a, b: a / (jnp.maximum(b, 0) ** (self.power / 2) + self.eps), mhat, v)
         else:
             s = jax.tree.map(lambda a, b: jnp.clip(a / jnp.maximum(self.gamma * b, self.eps), -1, 1), mhat, v)
-        return {q.direction("diag"): s}, DiagEMAState(m, count)
+        return {"direction": s}, DiagonalDirectionState(m, count)

@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -156,12 +157,12 @@ class GradGram(Module):
                 ("max_dim", self.max_dim))
 
     def consumes(self):
-        return (fresh(q.grad()),)
+        return {"grad": fresh(q.grad())}
 
     def produces(self):
-        return (grad_gram(self.spec),)
+        return {"factors": grad_gram(self.spec)}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> GramFactors:
         def leaf(p):
             lay = gram_layout(p.shape, self.block_size, self.max_dim)
             dt = stat_dtype(p)
@@ -172,23 +173,21 @@ class GradGram(Module):
 
         return GramFactors(per_leaf(leaf, params), jnp.zeros((), jnp.int32))
 
-    def apply(self, inputs, state, ctx):
-        b = self.beta
-
-        def mix(old, new):
-            return old + new if b is None else b * old + (1 - b) * new
-
-        def leaf(g, fac):
+    def apply(self, inputs, state: GramFactors, ctx):
+        def leaf(g):  # this step's statistics, laid out like the factors
             g = g.astype(stat_dtype(g))
             lay = gram_layout(g.shape, self.block_size, self.max_dim)
             if lay is None:
-                return mix(fac, g * g)
-            return tuple((mix(L, symmetrize(mm(gb, gb.T))), mix(R, symmetrize(mm(gb.T, gb))))
-                         for gb, (L, R) in zip(blocks_of(g, lay), fac))
+                return g * g
+            return tuple((symmetrize(mm(gb, gb.T)), symmetrize(mm(gb.T, gb))) for gb in blocks_of(g, lay))
 
-        new = GramFactors(tuple(leaf(g, f) for g, f in zip(jax.tree.leaves(inputs[q.grad()]), state.factors)),
-                          state.count + 1)
-        return {self.outputs()[0]: new}, new
+        stats = per_leaf(leaf, inputs.grad)
+        if self.beta is None:
+            factors = optax.tree.add(state.factors, stats)
+        else:
+            factors = optax.tree.update_moment(stats, state.factors, self.beta, 1)
+        new = GramFactors(factors, state.count + 1)
+        return {"factors": new}, new
 
 
 # -- the eigendecomposition ------------------------------------------------------------------------------
@@ -204,7 +203,8 @@ class Eigen(NamedTuple):
 
 class Eigbasis(NamedTuple):
     """Value of ``%eigbasis.grad_gram``: ``bases``, one entry per parameter leaf (`per_leaf`): a tuple of
-    ``(Eigen_L, Eigen_R)`` per block, ``()`` for fallback leaves; and ``count``, the number of refreshes (0: never refreshed, identity)."""
+    ``(Eigen_L, Eigen_R)`` per block, ``()`` for fallback leaves; and ``count``, the number of refreshes
+    (0: never refreshed, identity)."""
 
     bases: Any
     count: jax.Array
@@ -237,7 +237,7 @@ class GramConsumer(Module):
     """Base of modules configured by a `GradGram.spec` (``gram``): plan text omits it (the input names it)."""
 
     def config(self):
-        return tuple((k, v) for k, v in self.settings() if k != "gram")
+        return tuple((k, v) for k, v in super().config() if k != "gram")
 
     def _basis(self):
         """The ``%eigbasis.grad_gram`` of this module's factors refreshed by its ``method`` (SCAO: always eigh)."""
@@ -245,6 +245,8 @@ class GramConsumer(Module):
 
 
 class GramEigbasisState(NamedTuple):
+    """``failures``: blocks whose refresh was not finite, cumulative."""
+
     failures: jax.Array
 
 
@@ -267,15 +269,15 @@ class GramEigbasis(GramConsumer):
     info_fields = (("eig_failures", "int"),)
 
     def consumes(self):
-        return (fresh(grad_gram(self.gram)), carried(self._basis()))
+        return {"factors": fresh(grad_gram(self.gram)), "basis": carried(self._basis())}
 
     def produces(self):
-        return (self._basis(),)
+        return {"basis": self._basis()}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> GramEigbasisState:
         return GramEigbasisState(jnp.zeros((), jnp.int32))
 
-    def init_carried(self, qv, params, ctx):
+    def init_carried(self, name, params, ctx):
         def leaf(p):
             lay = spec_layout(self.gram, p.shape)
             dt = stat_dtype(p)
@@ -284,9 +286,9 @@ class GramEigbasis(GramConsumer):
 
         return Eigbasis(per_leaf(leaf, params), jnp.zeros((), jnp.int32))
 
-    def apply(self, inputs, state, ctx):
-        gram: GramFactors = inputs[grad_gram(self.gram)]
-        prev: Eigbasis = inputs[self._basis()]
+    def apply(self, inputs, state: GramEigbasisState, ctx):
+        gram: GramFactors = inputs.factors
+        prev: Eigbasis = inputs.basis
         first = prev.count == 0
         failed = []
 
@@ -308,6 +310,5 @@ class GramEigbasis(GramConsumer):
         )
         n_failed = sum(f.astype(jnp.int32) for f in failed) if failed else jnp.zeros((), jnp.int32)
         state = GramEigbasisState(state.failures + n_failed)
-        ctx.report("eig_failures", state.failures)
-        return {self._basis(): Eigbasis(bases, prev.count + 1)}, state
+        return {"basis": Eigbasis(bases, prev.count + 1)}, state, {"eig_failures": state.failures}
 

@@ -1,4 +1,4 @@
-"""K-FAC (ALGORITHMS.md §6.1): Kronecker factors from layer inputs and output cotangents, their π-damped inverses
+"""K-FAC (docs/math.md §6.1): Kronecker factors from layer inputs and output cotangents, their π-damped inverses
 (or, for exact / adaptive damping, eigendecompositions) refreshed every k steps, and the per-layer direction.
 
 For a layer seen as a (d_in, d_out) matrix W (outputs = a @ W, conv: im2col patches), over N rows:
@@ -36,6 +36,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -178,7 +179,9 @@ def _check_stacked(params, stacked: tuple[str, ...], module: str) -> None:
 
 
 class KFACFactorsState(NamedTuple):
-    sums: dict[str, tuple[jax.Array, jax.Array]]  # key -> (A sum (d_in+1)², Γ sum d_out²)
+    """``sums``: key -> (Σ ema^i A_i of side d_in+1, Σ ema^i Γ_i); ``weight``: Σ ema^i."""
+
+    sums: dict[str, tuple[jax.Array, jax.Array]]
     weight: jax.Array
 
 
@@ -201,20 +204,20 @@ class KFACFactors(Module):
     sink = True  # the averages must see every step's statistics, whether or not a refresh reads them
 
     def consumes(self):
-        return (fresh(q.activations()), fresh(q.out_cotangents(labels=self.labels)))
+        return {"acts": fresh(q.activations()), "cots": fresh(q.out_cotangents(labels=self.labels))}
 
     def produces(self):
-        return (kfac_factors(),)
+        return {"factors": kfac_factors()}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> KFACFactorsState:
         _check_stacked(params, self.stacked, ctx.module)
         dt = jnp.result_type(float)
         sums = {k: (jnp.zeros(_lead(s) + (i + 1, i + 1), dt), jnp.zeros(_lead(s) + (o, o), dt))
                 for k, (s, i, o) in _allocation(params, ctx, self.out_axis, self.stacked).items()}
         return KFACFactorsState(sums, jnp.zeros((), dt))
 
-    def apply(self, inputs, state, ctx):
-        acts, cots = inputs[q.activations()], inputs[q.out_cotangents(labels=self.labels)]
+    def apply(self, inputs, state: KFACFactorsState, ctx):
+        acts, cots = inputs["acts"], inputs["cots"]  # `LayerArrays`: key -> array, with the layer report (.report)
         layers = _covered(_report(acts, ctx.module), _allocated(state.sums))
         sums, out = dict(state.sums), {}
         weight = self.ema * state.weight + 1.0
@@ -226,7 +229,7 @@ class KFACFactors(Module):
             sums[key] = (self.ema * sA + A, self.ema * sG + G)
             A_avg, G_avg = sums[key][0] / weight, sums[key][1] / weight
             out[key] = (A_avg if layer.bias else A_avg[..., :-1, :-1], G_avg)
-        return {kfac_factors(): _Factors(out, acts.report)}, KFACFactorsState(sums, weight)
+        return {"factors": _Factors(out, acts.report)}, KFACFactorsState(sums, weight)
 
 
 def _layer_factors(a: jax.Array, d: jax.Array, terms: int) -> tuple[jax.Array, jax.Array]:
@@ -260,6 +263,8 @@ def _safe_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class KFACInverseState(NamedTuple):
+    """``failures``: refreshes that were not finite (and kept the previous value), cumulative."""
+
     failures: jax.Array
 
 
@@ -288,15 +293,15 @@ class KFACInverse(Module):
         return kfac_eigbasis() if self.pi_damping is None else kfac_inverses(self.pi_damping)
 
     def consumes(self):  # its own carried output: the last good value, kept when a refresh fails
-        return (fresh(kfac_factors()), carried(self._out()))
+        return {"factors": fresh(kfac_factors()), "basis": carried(self._out())}
 
     def produces(self):
-        return (self._out(),)
+        return {"basis": self._out()}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> KFACInverseState:
         return KFACInverseState(jnp.zeros((), jnp.int32))
 
-    def init_carried(self, qv, params, ctx):
+    def init_carried(self, name, params, ctx):
         dt = jnp.result_type(float)
         layers = {}
         for k, (s, i, o) in _allocation(params, ctx, self.out_axis, self.stacked).items():
@@ -307,8 +312,8 @@ class KFACInverse(Module):
                 layers[k] = (_stack_eye(i + 1, s, dt), _stack_eye(o, s, dt))
         return {"count": jnp.zeros((), jnp.int32), "layers": layers}
 
-    def apply(self, inputs, state, ctx):
-        factors, prev = inputs[kfac_factors()], inputs[self._out()]
+    def apply(self, inputs, state: KFACInverseState, ctx):
+        factors, prev = inputs["factors"], inputs["basis"]
         layers, finite = dict(prev["layers"]), jnp.array(True)
         for key, (A, G) in factors.items():
             pad = layers[key][0].shape[-1] - A.shape[-1]
@@ -318,8 +323,7 @@ class KFACInverse(Module):
         new = {"count": prev["count"] + 1, "layers": layers}
         out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, prev)
         failures = state.failures + (~finite).astype(jnp.int32)
-        ctx.report("kfac_inverse_failures", failures)
-        return {self._out(): out}, KFACInverseState(failures)
+        return {"basis": out}, KFACInverseState(failures), {"kfac_inverse_failures": failures}
 
     def _refresh(self, A, G, pad: int):
         """One layer's entry: (Q_A, λ_A, Q_Γ, λ_Γ), or the π-damped inverses (Â⁻¹, Γ̂⁻¹)."""
@@ -337,6 +341,14 @@ class KFACInverse(Module):
         if pad:
             Ainv = jax.scipy.linalg.block_diag(Ainv, jnp.eye(pad, dtype=Ainv.dtype))
         return Ainv, Ginv
+
+
+class KFACDirectionState(NamedTuple):
+    """``v``: EMA(g²) per parameter leaf for ``fallback="diagonal"`` (``()`` for ``"identity"``); ``count``:
+    the steps seen (bias correction of ``v``)."""
+
+    v: Any
+    count: jax.Array
 
 
 class KFACDirection(Module):
@@ -365,10 +377,6 @@ class KFACDirection(Module):
     info_fields = (("kfac_layers", "int"), ("kfac_fallback_leaves", "int"))
 
     @property
-    def state_fields(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("v", "count") if self.fallback == "diagonal" else ("count",)  # EMA(g²) only for that fallback
-
-    @property
     def _uses_inverses(self) -> bool:
         return self.damping_mode == "pi" and not self.adaptive
 
@@ -376,31 +384,29 @@ class KFACDirection(Module):
         return kfac_inverses(self.damping) if self._uses_inverses else kfac_eigbasis()
 
     def consumes(self):
-        uses = (fresh(q.grad()), carried(self._basis()), fresh(q.activations()))
-        return uses + (carried(q.lam()),) if self.adaptive else uses
+        uses = {"grad": fresh(q.grad()), "basis": carried(self._basis()), "acts": fresh(q.activations())}
+        return uses | ({"lam": carried(q.lam())} if self.adaptive else {})
 
     def produces(self):
-        return (q.direction("kfac"),)
+        return {"direction": q.direction("kfac")}
 
-    def init(self, params, ctx):
-        v = jax.tree.map(jnp.zeros_like, params) if self.fallback == "diagonal" else ()  # EMA(g²) only if used
-        return (v, jnp.zeros((), jnp.int32))
+    def init(self, params, ctx) -> KFACDirectionState:
+        v = optax.tree.zeros_like(params) if self.fallback == "diagonal" else ()  # EMA(g²) only if used
+        return KFACDirectionState(v, jnp.zeros((), jnp.int32))
 
-    def apply(self, inputs, state, ctx):
-        g = inputs[q.grad()]
-        basis = inputs[self._basis()]
-        gamma = inputs[q.lam()] if self.adaptive else self.damping
-        report = _report(inputs[q.activations()], ctx.module)
+    def apply(self, inputs, state: KFACDirectionState, ctx):
+        g, basis = inputs["grad"], inputs["basis"]
+        gamma = inputs["lam"] if self.adaptive else self.damping
+        report = _report(inputs["acts"], ctx.module)
         blocks = _allocated({k: (e[0], e[2] if len(e) == 4 else e[1]) for k, e in basis["layers"].items()})
         layers = _covered(report, blocks)
         matrices = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(g)[0] if x.ndim >= 2}
         _warn_uncovered(report, blocks, layers, matrices, self.out_axis, ctx.module)
-        v, count = state
-        count = count + 1
+        v, count = state.v, state.count + 1
         if self.fallback == "diagonal":
-            v = jax.tree.map(lambda a, x: self.fallback_ema * a + (1 - self.fallback_ema) * jnp.square(x), v, g)
-            bc = 1 - self.fallback_ema ** count.astype(jnp.result_type(float))
-            u = jax.tree.map(lambda x, vi: x / (vi / bc + gamma), g, v)
+            v = optax.tree.update_moment(g, v, self.fallback_ema, 2)
+            u = jax.tree.map(lambda x, vi: x / (vi + gamma), g,
+                             optax.tree.bias_correction(v, self.fallback_ema, count))
         else:
             u = g
         flat_g = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
@@ -429,9 +435,8 @@ class KFACDirection(Module):
                     flat_g[layer.bias].dtype)
         paths, treedef = jax.tree_util.tree_flatten_with_path(u)
         leaves = [solved.get(jax.tree_util.keystr(p), x) for p, x in paths]
-        ctx.report("kfac_layers", len(layers))
-        ctx.report("kfac_fallback_leaves", len(leaves) - len(solved))
-        return {q.direction("kfac"): jax.tree.unflatten(treedef, leaves)}, (v, count)
+        info = {"kfac_layers": len(layers), "kfac_fallback_leaves": len(leaves) - len(solved)}
+        return {"direction": jax.tree.unflatten(treedef, leaves)}, KFACDirectionState(v, count), info
 
     def solve(self, QA, lA, QG, lG, grad_m, gamma):
         """U with (A ⊗ Γ + γ) vec U = vec ∇ for A = Q_A diag(λ_A) Q_Aᵀ, Γ likewise (row-major vec)."""
@@ -463,8 +468,9 @@ def kfac(
     clip_norm: float | None = None,
 ) -> list[Module]:
     """K-FAC: factors every step, π-damped inverses (Cholesky; eigendecompositions for ``damping_mode="exact"``
-    or adaptive damping) every ``inverse_every`` steps (first at ``burnin``), then ``-lr·U`` through `UpdateTail`. Before the first refresh (the ``burnin`` steps, which
-    still accumulate factors) the covered layers do not move.
+    or adaptive damping) every ``inverse_every`` steps (first at ``burnin``), then ``-lr·U`` through `UpdateTail`.
+    Before the first refresh (the ``burnin`` steps, which still accumulate factors) the covered layers do not
+    move.
 
     ``adapt_damping_every=k`` makes the damping adaptive as kfac-jax does (Martens & Grosse §6.5): every k steps
     the gain ratio ρ of the applied update under the GGN quadratic model of ``loss`` (`GainRatio`, without the
@@ -484,10 +490,9 @@ def kfac(
     >>> cp.compile_plan(kfac(inverse_every=3)).period
     3
     """
-    from curvplan.modules.transforms import UpdateTail
-
     from curvplan.modules.curvature import GGN
     from curvplan.modules.damping import GainRatio, TrustRegionDamping
+    from curvplan.modules.transforms import UpdateTail
 
     adaptive = adapt_damping_every is not None
     mods: list[Module] = [

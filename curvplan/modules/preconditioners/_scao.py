@@ -1,4 +1,4 @@
-"""SCAO (ALGORITHMS.md §6.4, whispering3/scao v0.1.0 core): Adam warm-up, then Adam on a low-rank
+"""SCAO (docs/math.md §6.4, whispering3/scao v0.1.0 core): Adam warm-up, then Adam on a low-rank
 Kronecker-preconditioned gradient with an adaptive rank, reached through a linear blend.
 
 Phases are cadences: the factors, their eigendecomposition and the rank refresh run every ``precond_freq``
@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field, model_validator
 
 from curvplan.ir import carried, fresh
@@ -30,14 +31,14 @@ from curvplan.modules.preconditioners._grad_gram import (
     GradGram,
     GramConsumer,
     GramEigbasis,
-    per_leaf,
     GramFactors,
     Spec,
     assemble,
     blocks_of,
     grad_gram,
-    spec_layout,
     mm,
+    per_leaf,
+    spec_layout,
     stat_dtype,
 )
 from curvplan.modules.transforms import UpdateTail
@@ -91,6 +92,13 @@ class SpectrumBlock(NamedTuple):
     rank: jax.Array
 
 
+class ScaoSpectrumState(NamedTuple):
+    """``ranks``: per parameter leaf (in leaf order, `per_leaf`) the rank of each block (``()`` for fallback
+    leaves), the ``r_old`` of the next `select_rank`."""
+
+    ranks: Any
+
+
 class ScaoSpectrum(GramConsumer):
     """SCAO's curvature refresh: bias-corrected, Tikhonov-regularized eigenvalues and the adaptive rank.
 
@@ -109,22 +117,22 @@ class ScaoSpectrum(GramConsumer):
     info_fields = (("scao_mean_rank", "float"),)
 
     def consumes(self):
-        return (fresh(grad_gram(self.gram)), fresh(self._basis()))
+        return {"factors": fresh(grad_gram(self.gram)), "basis": fresh(self._basis())}
 
     def produces(self):
-        return (scao_spectrum(self.gram),)
+        return {"spectrum": scao_spectrum(self.gram)}
 
     def _bounds(self, lay):
         return [rank_bounds(r1 - r0, c1 - c0, self.k_min, self.k_max) for r0, r1, c0, c1 in lay]
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> ScaoSpectrumState:
         def leaf(p):
             lay = spec_layout(self.gram, p.shape)
             return () if lay is None else tuple(jnp.asarray(lo, jnp.int32) for lo, _ in self._bounds(lay))
 
-        return per_leaf(leaf, params)
+        return ScaoSpectrumState(per_leaf(leaf, params))
 
-    def init_carried(self, qv, params, ctx):
+    def init_carried(self, name, params, ctx):
         def leaf(p):
             lay = spec_layout(self.gram, p.shape)
             if lay is None:
@@ -134,11 +142,11 @@ class ScaoSpectrum(GramConsumer):
 
         return per_leaf(leaf, params)
 
-    def apply(self, inputs, state, ctx):
-        gram: GramFactors = inputs[grad_gram(self.gram)]
-        basis: Eigbasis = inputs[self._basis()]
+    def apply(self, inputs, state: ScaoSpectrumState, ctx):
+        gram: GramFactors = inputs.factors
+        basis: Eigbasis = inputs.basis
         params = jax.tree.leaves(ctx.params)
-        facs, bases, ranks = gram.factors, basis.bases, state
+        facs, bases, ranks = gram.factors, basis.bases, state.ranks
         beta = dict(self.gram)["beta"]
         out, new_ranks, all_ranks = [], [], []
         for p, fac, blocks, rk in zip(params, facs, bases, ranks):
@@ -159,9 +167,8 @@ class ScaoSpectrum(GramConsumer):
                 leaf_ranks.append(r)
                 all_ranks.append(r)
             out.append(tuple(leaf_out)), new_ranks.append(tuple(leaf_ranks))
-        if all_ranks:
-            ctx.report("scao_mean_rank", jnp.mean(jnp.stack(all_ranks).astype(jnp.float32)))
-        return {scao_spectrum(self.gram): tuple(out)}, tuple(new_ranks)
+        info = {"scao_mean_rank": jnp.mean(jnp.stack(all_ranks).astype(jnp.float32))} if all_ranks else {}
+        return {"spectrum": tuple(out)}, ScaoSpectrumState(tuple(new_ranks)), info
 
 
 class ScaoPrecondition(GramConsumer):
@@ -178,16 +185,15 @@ class ScaoPrecondition(GramConsumer):
     clip: float | None = Field(1.0, gt=0)
 
     def consumes(self):
-        return (fresh(q.grad()), carried(self._basis()), carried(scao_spectrum(self.gram)))
+        return {"grad": fresh(q.grad()), "basis": carried(self._basis()), "spectrum": carried(scao_spectrum(self.gram))}
 
     def produces(self):
-        return (q.direction("scao_pre"),)
+        return {"direction": q.direction("scao_pre")}
 
     def apply(self, inputs, state, ctx):
-        grads = inputs[q.grad()]
-        leaves, treedef = jax.tree.flatten(grads)
-        bases = inputs[self._basis()].bases
-        specs = inputs[scao_spectrum(self.gram)]
+        leaves, treedef = jax.tree.flatten(inputs.grad)
+        bases = inputs.basis.bases
+        specs = inputs.spectrum
         out = []
         for g, blocks, sp in zip(leaves, bases, specs):
             g32 = g.astype(stat_dtype(g))
@@ -209,7 +215,7 @@ class ScaoPrecondition(GramConsumer):
                     G = G * jnp.minimum(1.0, self.clip / jnp.maximum(nu, 1e-30))
                 pre.append(G)
             out.append(assemble(pre, lay, g.shape).astype(g.dtype))
-        return {q.direction("scao_pre"): treedef.unflatten(out)}, state
+        return {"direction": treedef.unflatten(out)}, state
 
 
 class ScaoBlend(Module):
@@ -230,19 +236,21 @@ class ScaoBlend(Module):
         return self
 
     def consumes(self):
-        return (fresh(q.grad()), fresh(q.direction("scao_pre")))
+        return {"grad": fresh(q.grad()), "preconditioned": fresh(q.direction("scao_pre"))}
 
     def produces(self):
-        return (q.direction("scao_blend"),)
+        return {"direction": q.direction("scao_blend")}
 
     def apply(self, inputs, state, ctx):
         b = (ctx.step - self.begin).astype(jnp.float32) / self.steps
-        out = jax.tree.map(lambda g, p: (b * p + (1 - b) * g).astype(g.dtype), inputs[q.grad()],
-                           inputs[q.direction("scao_pre")])
-        return {q.direction("scao_blend"): out}, state
+        out = jax.tree.map(lambda g, p: (b * p + (1 - b) * g).astype(g.dtype), inputs.grad, inputs.preconditioned)
+        return {"direction": out}, state
 
 
 class ScaoAdamState(NamedTuple):
+    """Adam's moments ``m``, ``v`` (shaped like the parameters), the step ``count``, and ``abs_ema`` (the EMA of
+    |g| behind ``grad_mask``; ``()`` without it)."""
+
     m: Any
     v: Any
     count: jax.Array
@@ -273,35 +281,38 @@ class ScaoAdam(Module):
     lars: float | None = Field(None, gt=0)
     lars_weight_decay: float = Field(0.0, ge=0)
 
+    def _blends(self) -> bool:
+        return self.blend_until > self.precondition_from
+
     def consumes(self):
-        uses = [fresh(q.grad()), carried(q.direction("scao_pre"))]
-        if self.blend_until > self.precondition_from:
-            uses.append(carried(q.direction("scao_blend")))
+        uses = {"grad": fresh(q.grad()), "preconditioned": carried(q.direction("scao_pre"))}
+        if self._blends():
+            uses["blend"] = carried(q.direction("scao_blend"))
         if self.grad_noise:
-            uses.append(fresh(q.rng()))
-        return tuple(uses)
+            uses["rng"] = fresh(q.rng())
+        return uses
 
     def produces(self):
-        return (q.direction("scao"),)
+        return {"direction": q.direction("scao")}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> ScaoAdamState:
         z = jax.tree.map(lambda p: jnp.zeros(p.shape, stat_dtype(p)), params)
         return ScaoAdamState(z, z, jnp.zeros((), jnp.int32), z if self.grad_mask else ())
 
     def apply(self, inputs, state: ScaoAdamState, ctx):
         t = ctx.step
-        g, pre = inputs[q.grad()], inputs[q.direction("scao_pre")]
-        blend = inputs.get(q.direction("scao_blend"), pre)
+        g, pre = inputs.grad, inputs.preconditioned
+        blend = inputs.blend if self._blends() else pre
         geff = jax.tree.map(
             lambda a, b, c: jnp.where(t < self.precondition_from, a, jnp.where(t < self.blend_until, c, b)),
             g, pre, blend)
         abs_ema = state.abs_ema
         if self.grad_mask:
-            abs_ema = jax.tree.map(lambda e, x: 0.99 * e + 0.01 * jnp.abs(x), abs_ema, g)
+            abs_ema = optax.tree.update_moment(jax.tree.map(jnp.abs, g), abs_ema, 0.99, 1)
             geff = jax.tree.map(
                 lambda x, e: jnp.where(e >= jnp.quantile(e, self.grad_mask), x, 0), geff, abs_ema)
         if self.grad_noise:
-            key = inputs[q.rng()]
+            key = inputs.rng
             if key is None:
                 raise LoweringError("ScaoAdam(grad_noise=...) needs random numbers but the step got no rng",
                                     where=f"module `{ctx.module}`, quantity rng",
@@ -312,20 +323,21 @@ class ScaoAdam(Module):
             geff = treedef.unflatten([x + (sigma * jax.random.normal(k, x.shape)).astype(x.dtype)
                                       for x, k in zip(leaves, keys)])
         count = state.count + 1
-        m = jax.tree.map(lambda m, x: self.b1 * m + (1 - self.b1) * x, state.m, geff)
-        v = jax.tree.map(lambda v, x: self.b2 * v + (1 - self.b2) * x * x, state.v, geff)
+        m = optax.tree.update_moment(geff, state.m, self.b1, 1)
+        v = optax.tree.update_moment_per_elem_norm(geff, state.v, self.b2, 2)
+        m_hat = optax.tree.bias_correction(m, self.b1, count)
+        v_hat = optax.tree.bias_correction(v, self.b2, count)
 
-        def direction(m, v, x, p):
-            c = count.astype(m.dtype)
-            u = (m / (1 - self.b1**c)) / (jnp.sqrt(v / (1 - self.b2**c)) + self.eps)
+        def direction(m_hat, v_hat, x, p):
+            u = m_hat / (jnp.sqrt(v_hat) + self.eps)
             if self.lars:
                 pn, un = jnp.linalg.norm(p), jnp.linalg.norm(u)
                 trust = self.lars * pn / (un + self.lars_weight_decay * pn + 1e-8)
                 u = u * jnp.where((pn > 0) & (un > 0), trust, 1.0)
             return u.astype(x.dtype)
 
-        out = jax.tree.map(direction, m, v, g, ctx.params)
-        return {q.direction("scao"): out}, ScaoAdamState(m, v, count, abs_ema)
+        out = jax.tree.map(direction, m_hat, v_hat, g, ctx.params)
+        return {"direction": out}, ScaoAdamState(m, v, count, abs_ema)
 
 
 # -- presets ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -29,9 +30,9 @@ from curvplan.modules.preconditioners._grad_gram import (
     assemble,
     blocks_of,
     count_fallback,
+    mm,
     per_leaf,
     spec_layout,
-    mm,
     stat_dtype,
 )
 from curvplan.modules.transforms import UpdateTail
@@ -53,7 +54,8 @@ def inverse_root(e: Eigen, exponent: float = 4.0, epsilon: float = 1e-6, epsilon
 
 class ShampooState(NamedTuple):
     """``roots`` (per block ``(L̃^(-1/e), R̃^(-1/e))``) and ``graft`` (the grafting accumulator) hold one entry per
-    parameter leaf, in leaf order (`per_leaf`)."""
+    parameter leaf, in leaf order (`per_leaf`); ``seen`` is the ``count`` of the basis the roots were computed
+    from, ``failures`` the roots that were not finite (cumulative), ``count`` the steps taken."""
 
     roots: Any
     seen: jax.Array
@@ -90,12 +92,12 @@ class Shampoo(GramConsumer):
     info_fields = (("shampoo_root_failures", "int"), ("shampoo_fallback_leaves", "int"))
 
     def consumes(self):
-        return (fresh(q.grad()), carried(self._basis()))
+        return {"grad": fresh(q.grad()), "basis": carried(self._basis())}
 
     def produces(self):
-        return (q.direction("shampoo"),)
+        return {"direction": q.direction("shampoo")}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> ShampooState:
         def roots(p):
             lay = spec_layout(self.gram, p.shape)
             dt = stat_dtype(p)
@@ -113,13 +115,12 @@ class Shampoo(GramConsumer):
         if self.graft == "adagrad":
             acc = acc + g * g
             return g / (jnp.sqrt(acc) + self.graft_eps), acc
-        acc = self.graft_beta2 * acc + (1 - self.graft_beta2) * g * g
-        bc = 1 - self.graft_beta2 ** count.astype(g.dtype)
-        return g / (jnp.sqrt(acc / bc) + self.graft_eps), acc
+        acc = optax.tree.update_moment_per_elem_norm(g, acc, self.graft_beta2, 2)
+        return g / (jnp.sqrt(optax.tree.bias_correction(acc, self.graft_beta2, count)) + self.graft_eps), acc
 
     def apply(self, inputs, state: ShampooState, ctx):
-        grads = inputs[q.grad()]
-        basis: Eigbasis = inputs[self._basis()]
+        grads = inputs.grad
+        basis: Eigbasis = inputs.basis
         leaves, treedef = jax.tree.flatten(grads)
         old_roots, bases = state.roots, basis.bases
 
@@ -159,10 +160,9 @@ class Shampoo(GramConsumer):
             dirs.append(jnp.where(have_root, assemble(pb, lay, g.shape), d).astype(g.dtype))
         graft = tuple(new_accs) if self.graft in ("adagrad", "adam") else ()
         failures = state.failures + nfail
-        ctx.report("shampoo_root_failures", failures)
-        ctx.report("shampoo_fallback_leaves", count_fallback(grads, self.gram))
         new = ShampooState(tuple(roots), basis.count, failures, graft, count)
-        return {q.direction("shampoo"): treedef.unflatten(dirs)}, new
+        info = {"shampoo_root_failures": failures, "shampoo_fallback_leaves": count_fallback(grads, self.gram)}
+        return {"direction": treedef.unflatten(dirs)}, new, info
 
 
 def shampoo(

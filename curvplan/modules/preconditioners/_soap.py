@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from pydantic import Field
 
 from curvplan.ir import carried, fresh
@@ -26,8 +27,8 @@ from curvplan.modules.preconditioners._grad_gram import (
     Spec,
     assemble,
     blocks_of,
-    spec_layout,
     mm,
+    spec_layout,
     stat_dtype,
 )
 from curvplan.modules.transforms import UpdateTail
@@ -35,7 +36,8 @@ from curvplan.modules.transforms import UpdateTail
 
 class SoapState(NamedTuple):
     """``m``, ``v`` (moments, per block in the eigenbasis, or the leaf's own for fallback leaves) and ``used``
-    (the bases the moments are expressed in) hold one entry per parameter leaf, in leaf order (`per_leaf`)."""
+    (the bases the moments are expressed in) hold one entry per parameter leaf, in leaf order (`per_leaf`);
+    ``seen`` is the ``count`` of the basis last read, ``count`` the steps taken."""
 
     m: Any
     v: Any
@@ -73,12 +75,12 @@ class Soap(GramConsumer):
     correct_bias: bool = True
 
     def consumes(self):
-        return (fresh(q.grad()), carried(self._basis()))
+        return {"grad": fresh(q.grad()), "basis": carried(self._basis())}
 
     def produces(self):
-        return (q.direction("soap"),)
+        return {"direction": q.direction("soap")}
 
-    def init(self, params, ctx):
+    def init(self, params, ctx) -> SoapState:
         ms, vs, used = [], [], []
         leaves, treedef = jax.tree.flatten(params)
         for p in leaves:
@@ -96,27 +98,29 @@ class Soap(GramConsumer):
         return SoapState(tuple(ms), tuple(vs), tuple(used), zero, zero)
 
     def apply(self, inputs, state: SoapState, ctx):
-        grads = inputs[q.grad()]
-        basis: Eigbasis = inputs[self._basis()]
+        grads = inputs.grad
+        basis: Eigbasis = inputs.basis
         leaves, treedef = jax.tree.flatten(grads)
         ms, vs, useds, bases = state.m, state.v, state.used, basis.bases
         changed = basis.count != state.seen
         b1, b2, eps = self.b1, self.b2, self.eps
         count = state.count + 1
         t = count.astype(stat_dtype(leaves[0]))
+        # the bias corrections folded into one scale of the direction (eps stays uncorrected, as in soap.py)
         scale = jnp.sqrt(1 - b2**t) / (1 - b1**t) if self.correct_bias else 1.0
+        ema = optax.tree.update_moment
+        ema_sq = optax.tree.update_moment_per_elem_norm
         out, new_m, new_v, new_used = [], [], [], []
         for g, m, v, used, blocks in zip(leaves, ms, vs, useds, bases):
             g = g.astype(stat_dtype(g))
             lay = spec_layout(self.gram, g.shape)
             if lay is None:  # plain Adam
-                m = b1 * m + (1 - b1) * g
-                v = b2 * v + (1 - b2) * g * g
+                m, v = ema(g, m, b1, 1), ema_sq(g, v, b2, 2)
                 out.append(scale * m / (jnp.sqrt(v) + eps))
                 new_m.append(m), new_v.append(v), new_used.append(())
                 continue
             if self.moments == "keep":
-                m = b1 * m + (1 - b1) * g
+                m = ema(g, m, b1, 1)
                 mbs = blocks_of(m, lay)
             nb, vb_new, mb_new = [], [], []
             for i, (gb, vb, (el, er)) in enumerate(zip(blocks_of(g, lay), v, blocks)):
@@ -128,12 +132,12 @@ class Soap(GramConsumer):
                         changed,
                         lambda mb=m[i], ql=ql, qr=qr, el=el, er=er: mm(mm(el.Q.T, mm(mm(ql, mb), qr.T)), er.Q),
                         lambda mb=m[i]: mb)
-                    mb = b1 * mb + (1 - b1) * gt
+                    mb = ema(gt, mb, b1, 1)
                     mb_new.append(mb)
                     mt = mb
                 else:
                     mt = mm(mm(el.Q.T, mbs[i]), er.Q)
-                vb = b2 * vb + (1 - b2) * gt * gt
+                vb = ema_sq(gt, vb, b2, 2)
                 vb_new.append(vb)
                 nb.append(mm(mm(el.Q, mt / (jnp.sqrt(vb) + eps)), er.Q.T))
             out.append(scale * assemble(nb, lay, g.shape))
@@ -146,7 +150,7 @@ class Soap(GramConsumer):
         direction = treedef.unflatten([d.astype(g.dtype) for d, g in zip(out, leaves)])
         new = SoapState(tuple(new_m), tuple(new_v), tuple(new_used),
                         basis.count, count)
-        return {q.direction("soap"): direction}, new
+        return {"direction": direction}, new
 
 
 def soap(

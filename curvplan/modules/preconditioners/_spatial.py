@@ -1,4 +1,4 @@
-"""AdaHessian's spatial averaging of a diagonal estimate, on flax's kernel axes (ALGORITHMS.md §5)."""
+"""AdaHessian's spatial averaging of a diagonal estimate, on flax's kernel axes (docs/math.md §5)."""
 
 from __future__ import annotations
 
@@ -55,14 +55,13 @@ class SpatialAverage(Module):
     dense_inputs: bool = False
 
     def consumes(self):
-        return (fresh(q.diag("curvature", **dict(self.estimate))),)
+        return {"curvature": fresh(q.diag("curvature", **dict(self.estimate)))}
 
     def produces(self):
-        return (q.diag("curvature", **dict(self.estimate), spatial="mean"),)
+        return {"curvature": q.diag("curvature", **dict(self.estimate), spatial="mean")}
 
     def apply(self, inputs, state, ctx):
-        d = inputs[self.consumes()[0].quantity]
         def avg(x):
             return spatial_average(x, absolute=self.absolute, dense_inputs=self.dense_inputs)
 
-        return {self.produces()[0]: jax.tree.map(avg, d)}, state
+        return {"curvature": jax.tree.map(avg, inputs.curvature)}, state

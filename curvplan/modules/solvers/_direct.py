@@ -1,4 +1,4 @@
-"""Direct, diagonal and identity solvers (ALGORITHMS.md §3.4, §3.5): ``%direction.newton`` without CG."""
+"""Direct, diagonal and identity solvers (docs/math.md §3.4, §3.5): ``%direction.newton`` without CG."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from curvplan.ir._errors import LoweringError
 from curvplan.modules import _linalg
 from curvplan.modules._base import Module
 from curvplan.modules.curvature._operators import curv_op
-from curvplan.modules.preconditioners._diag import precond_diag
 
 
 def materialize(mv, params) -> jax.Array:
@@ -46,13 +45,13 @@ class DenseDirect(Module):
     info_fields = (("direct_eig_min", "float"), ("direct_eig_max", "float"), ("lambda", "float"))
 
     def consumes(self):
-        return (fresh(curv_op()), fresh(q.grad()), carried(q.lam()))
+        return {"op": fresh(curv_op()), "grad": fresh(q.grad()), "lam": carried(q.lam())}
 
     def produces(self):
-        return (q.direction("newton"),)
+        return {"direction": q.direction("newton")}
 
     def apply(self, inputs, state, ctx):
-        op, g, lam = inputs[curv_op()], inputs[q.grad()], inputs[q.lam()]
+        op, g, lam = inputs.op, inputs.grad, inputs.lam
         gf, unravel = ravel_pytree(g)
         n = gf.shape[0]
         if n > self.max_params:
@@ -62,15 +61,14 @@ class DenseDirect(Module):
                 fix="use `CG` or a row-space solver for models this size, or raise `max_params`",
             )
         C = materialize(op.mv, g)
+        info = {"lambda": lam}
         if self.method == "solve":
             s = jnp.linalg.solve(C + lam * jnp.eye(n, dtype=C.dtype), gf)
         else:
             w, Q = _linalg.eigh(C)
             s = Q @ ((Q.T @ gf) / (w + lam))
-            ctx.report("direct_eig_min", w[0])
-            ctx.report("direct_eig_max", w[-1])
-        ctx.report("lambda", lam)
-        return {q.direction("newton"): unravel(s)}, state
+            info |= {"direct_eig_min": w[0], "direct_eig_max": w[-1]}
+        return {"direction": unravel(s)}, state, info
 
 
 class DiagonalSolve(Module):
@@ -88,15 +86,15 @@ class DiagonalSolve(Module):
     eps: float = Field(1e-8, ge=0.0)
 
     def consumes(self):
-        return (fresh(q.grad()), carried(precond_diag()), carried(q.lam()))
+        return {"grad": fresh(q.grad()), "diag": carried(q.precond_diag()), "lam": carried(q.lam())}
 
     def produces(self):
-        return (q.direction("newton"),)
+        return {"direction": q.direction("newton")}
 
     def apply(self, inputs, state, ctx):
-        g, d, lam = inputs[q.grad()], inputs[precond_diag()], inputs[q.lam()]
+        g, d, lam = inputs.grad, inputs.diag, inputs.lam
         s = jax.tree.map(lambda gi, di: gi / (jnp.maximum(di, 0) + lam + self.eps), g, d)
-        return {q.direction("newton"): s}, state
+        return {"direction": s}, state
 
 
 class IdentitySolve(Module):
@@ -110,10 +108,10 @@ class IdentitySolve(Module):
     kind: Literal["identity_solve"] = "identity_solve"
 
     def consumes(self):
-        return (fresh(q.grad()),)
+        return {"grad": fresh(q.grad())}
 
     def produces(self):
-        return (q.direction("newton"),)
+        return {"direction": q.direction("newton")}
 
     def apply(self, inputs, state, ctx):
-        return {q.direction("newton"): inputs[q.grad()]}, state
+        return {"direction": inputs.grad}, state

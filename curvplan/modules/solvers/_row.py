@@ -1,4 +1,4 @@
-"""Row-space (Woodbury) Gauss-Newton solves, MSE and CE, Cholesky and CG (ALGORITHMS.md §2.5, §3.2-3.3, §8.1).
+"""Row-space (Woodbury) Gauss-Newton solves, MSE and CE, Cholesky and CG (docs/math.md §2.5, §3.2-3.3, §8.1).
 
 With mean reduction the GGN system is ``(C + λI) s = g``, ``C = (1/B) Jᵀ Λ J``, ``g = (1/B) Jᵀ r`` (r_b the
 per-example ∂ℓ_b/∂F_b). Factor ``Λ_b = L_b L_bᵀ``, set ``J̃_b = L_bᵀ J_b`` and ``r̃`` with ``L_b r̃_b = r_b``;
@@ -25,7 +25,6 @@ from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
 from curvplan.modules import _linalg
 from curvplan.modules._base import Module
-from curvplan.modules.curvature._fisher import model_lin
 from curvplan.modules.solvers._cg import CG_RESULTS, conjugate_gradient
 
 _HI = _linalg.HIGHEST
@@ -95,13 +94,13 @@ class RowSpace(Module):
                    ("row_cg_converged", "bool"), ("lambda", "float"))
 
     def consumes(self):
-        return (fresh(model_lin()), carried(q.lam()))
+        return {"lin": fresh(q.model_lin()), "lam": carried(q.lam())}
 
     def produces(self):
-        return (q.direction("newton"),)
+        return {"direction": q.direction("newton")}
 
     def apply(self, inputs, state, ctx):
-        lin, lam = inputs[model_lin()], inputs[q.lam()]
+        lin, lam = inputs.lin, inputs.lam
         if lin.loss_kind != self.loss:
             raise LoweringError(
                 f"RowSpace(loss={self.loss!r}) but the objective's loss is {lin.loss_kind!r}",
@@ -111,6 +110,7 @@ class RowSpace(Module):
         apply_t, apply, rt = row_system(lin, self.ce_factor, self.eps)
         m = rt.shape[0]
         mu = lin.outputs.shape[0] * lam
+        info = {"row_dim": jnp.asarray(m, jnp.int32), "lambda": lam}
         if self.solver == "cholesky":
             rows = jax.vmap(apply_t)(jnp.eye(m, dtype=rt.dtype))  # J̃ᵀ e_i for every row i
             flat = jnp.concatenate([x.reshape(m, -1) for x in jax.tree.leaves(rows)], axis=1)
@@ -123,9 +123,6 @@ class RowSpace(Module):
             res = conjugate_gradient(lambda u: apply(apply_t(u)) + mu * u, rt, tol=self.tol,
                                      maxiter=self.maxiter)
             s = apply_t(res.value)
-            ctx.report("row_cg_iters", res.stats["num_steps"])
-            ctx.report("row_cg_residual", res.stats["residual"])
-            ctx.report("row_cg_converged", res.result == CG_RESULTS.successful)
-        ctx.report("row_dim", jnp.asarray(m, jnp.int32))
-        ctx.report("lambda", lam)
-        return {q.direction("newton"): s}, state
+            info |= {"row_cg_iters": res.stats["num_steps"], "row_cg_residual": res.stats["residual"],
+                     "row_cg_converged": res.result == CG_RESULTS.successful}
+        return {"direction": s}, state, info

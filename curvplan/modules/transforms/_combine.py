@@ -30,21 +30,21 @@ class Combine(Module):
     @model_validator(mode="after")
     def _check(self):
         if len(self.sources) < 1 or (self.weights is not None and len(self.weights) != len(self.sources)):
-            raise ConfigError(f"{len(self.sources)} sources but weights={self.weights}", where=f"module `{self.name}`",
+            raise ConfigError(f"{len(self.sources)} sources but weights={self.weights}",
                               fix="give one weight per source, or none for equal weights")
         if self.target in self.sources:
-            raise ConfigError(f"target {self.target!r} is also a source", where=f"module `{self.name}`",
+            raise ConfigError(f"target {self.target!r} is also a source",
                               fix="name the combined direction differently (target=...)")
         return self
 
-    def consumes(self):
-        return tuple(fresh(q.direction(s)) for s in self.sources)
+    def consumes(self):  # one input per source, by position (a source may repeat)
+        return {f"direction_{i}": fresh(q.direction(s)) for i, s in enumerate(self.sources)}
 
     def produces(self):
-        return (q.direction(self.target),)
+        return {"direction": q.direction(self.target)}
 
     def apply(self, inputs, state, ctx):
         weights = self.weights or (1.0 / len(self.sources),) * len(self.sources)
-        dirs = [inputs[q.direction(s)] for s in self.sources]
+        dirs = [inputs[f"direction_{i}"] for i in range(len(self.sources))]
         out = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *dirs)
-        return {q.direction(self.target): out}, state
+        return {"direction": out}, state

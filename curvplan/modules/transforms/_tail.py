@@ -13,7 +13,7 @@ from curvplan.modules._base import Module
 class UpdateTailState(NamedTuple):
     """The state of the optax chain (momentum trace, schedule count)."""
 
-    chain: Any
+    opt_state: Any
 
 
 class UpdateTail(Module):
@@ -63,5 +63,5 @@ class UpdateTail(Module):
         return UpdateTailState(self.transform().init(params))
 
     def apply(self, inputs, state: UpdateTailState, ctx):
-        updates, chain = self.transform().update(inputs.direction, state.chain, inputs.params)
-        return {"update": updates}, UpdateTailState(chain)
+        updates, opt_state = self.transform().update(inputs.direction, state.opt_state, inputs.params)
+        return {"update": updates}, UpdateTailState(opt_state)
