@@ -16,8 +16,8 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 import curvplan as cp
 from curvplan.ir._errors import ConfigError
-from curvplan.modules._base import Inputs
 from curvplan.modules import presets
+from curvplan.modules._base import Inputs
 from curvplan.modules.geometry import LMODirection, MuonDirection
 
 
