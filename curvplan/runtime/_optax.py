@@ -22,6 +22,24 @@ class OptaxPlanState(NamedTuple):
     info: StepInfo
 
 
+def _check_reads_given_grad(plan: Plan) -> None:
+    """The gradient handed to ``update`` must reach the plan: a plan whose solver builds its own right-hand side
+    from the batch (the row-space Gauss-Newton of ``egn``) would silently drop the caller's clipping, accumulation
+    or a non-finite gradient, so it is refused here."""
+    reads = [(op.name, r.node) for ph in plan.phases for op in ph.ops if op.role == "module" for r in op.reads]
+    if any(node == q.grad() for _, node in reads):
+        return
+    provided = {x for ph in plan.phases for op in ph.ops if op.role == "provider" for x in op.outputs}
+    who = sorted({name for name, node in reads if node in provided}) or [m.label for m in plan.modules]
+    raise LoweringError(
+        f"no module of this plan reads the gradient given to update(): {', '.join(f'`{w}`' for w in who)} "
+        "works from the model on the batch instead, so a gradient transformed before it would be ignored",
+        where=f"cp.as_optax(plan {plan.name!r}), quantity %grad",
+        fix="run this method with `cp.Optimizer(plan, ...)`, or choose one whose solver reads %grad "
+            "(e.g. `cp.presets.gauss_newton_cg`)",
+    )
+
+
 def as_optax(
     plan: Plan | Sequence[ModuleSpec],
     loss_fn: Callable | None = None,
@@ -58,6 +76,7 @@ def as_optax(
         given=[q.grad()],
         max_period=base.max_period if base else 100_000,
     )
+    _check_reads_given_grad(planned)
     lowered = lower_plan(planned, Objective(loss_fn=loss_fn, model_fn=model_fn, loss_kind=loss))
 
     def init_fn(params):

@@ -133,3 +133,13 @@ def test_correct_inputs_pass_the_checks(data):
     state = opt.init(params)
     p1, state, info = opt.step(params, state, (x, y))
     assert np.isfinite(float(info.loss)) and not bool(info.skipped)
+
+
+def test_as_optax_refuses_a_plan_that_ignores_the_given_gradient():
+    """egn's row-space solve builds its right-hand side from the batch: a gradient given to update() (clipped,
+    accumulated, or NaN) would make no difference, so as_optax refuses the plan and says what to use."""
+    with pytest.raises(cp.LoweringError) as info:
+        cp.as_optax(cp.presets.egn(loss="ce"), model_fn=lambda p, x: x @ p, loss="ce")
+    msg = str(info.value)
+    assert "`row_space`" in msg and "%grad" in msg and "cp.Optimizer" in msg
+    cp.as_optax(cp.presets.gauss_newton_cg(), model_fn=lambda p, x: x @ p, loss="ce")  # reads %grad: accepted
