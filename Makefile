@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 
 # Two workers, each test file on one of them (module-scoped fixtures such as x64 stay within a file).
 PYTEST_FLAGS ?= -n 2 --dist loadfile
+# The multi-device tests run in a process of their own: 8 simulated CPU devices, set before JAX starts.
+SPMD_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: demo examples test test-newest lint docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
 
@@ -55,7 +57,8 @@ demo: $(VENV)/.demo graphviz
 
 test: $(VENV)/.test graphviz
 	@$(BIN)/python -c "import sys, jax, jaxlib, optax; print(f'curvplan tests: Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}')"
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) tests curvplan
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) tests curvplan --ignore=tests/spmd
+	$(SPMD_ENV) $(BIN)/python -m pytest -n 2 tests/spmd
 
 # The suite again on the newest JAX: a second venv on the newest Python that pyenv (or PATH) has, with the
 # newest jax / jaxlib / optax / flax / equinox that pip resolves. Without such a Python it prints a note.
@@ -78,7 +81,8 @@ test-newest: graphviz
 	else \
 	  $(MAKE) --no-print-directory $(NEWEST_VENV)/.test && \
 	  $(NEWEST_VENV)/bin/python -c "import sys, jax, jaxlib, optax; print(f'curvplan tests: Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}')" && \
-	  $(NEWEST_VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests curvplan; \
+	  $(NEWEST_VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests curvplan --ignore=tests/spmd && \
+	  $(SPMD_ENV) $(NEWEST_VENV)/bin/python -m pytest -n 2 tests/spmd; \
 	fi
 
 # Every script in examples/ at full size (each also runs small in the test suite).

@@ -11,6 +11,12 @@ import optax
 import curvplan as cp
 
 
+def ctx_for(params, key=None, batch=None) -> cp.modules.Context:
+    """A module's `Context` for calling ``apply`` directly (step 0, one device)."""
+    return cp.modules.Context(step=jnp.zeros((), jnp.int32), rng=key, params=params, batch=batch, objective=None,
+                              module="m")
+
+
 def cg_iterations(kappa: float, tol: float) -> int:
     """Iterations after which CG's residual bound ‖r_k‖/‖r_0‖ ≤ 2√κ ((√κ−1)/(√κ+1))^k is below ``tol``.
 

@@ -150,6 +150,9 @@ class ModuleSpec(BaseModel):
     info_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
     """Telemetry ``(key, dtype)`` pairs (dtype ``float`` / ``int`` / ``bool``): the keys ``apply`` may return
     in its info mapping, and the schema of `StepInfo`."""
+    blockwise: ClassVar[bool] = False
+    """True when the module does the same matrix work for many blocks (factorizations, roots, rotations,
+    Newton-Schulz) through ``ctx.blocks``: on a mesh the plan spreads that work over the devices."""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs):

@@ -31,6 +31,7 @@ from curvplan.ir._schedule import Op, Phase
 from curvplan.lowering._layers import discover_layers
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
 from curvplan.modules._base import Context, Inputs, Module, tree_all_finite
+from curvplan.modules._blocks import LOCAL, BlockMap
 from curvplan.planner._plan import Plan
 
 _INFO_DEFAULTS = {"float": jnp.nan, "int": -1, "bool": False}
@@ -162,9 +163,11 @@ def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array
 class LoweredPlan:
     """JAX programs for a plan and an objective. Built by `lower_plan`."""
 
-    def __init__(self, plan: Plan, objective: Objective):
+    def __init__(self, plan: Plan, objective: Objective, mesh: Any = None):
         self.plan = plan
         self.objective = objective
+        self.mesh = mesh
+        self._blocks = self._block_maps(plan, mesh)
         self.modules: dict[str, Module] = {}
         for m in plan.modules:
             if not isinstance(m, Module):
@@ -271,7 +274,30 @@ class LoweredPlan:
         return PlanState(step, _widen(mods), _widen(slots), jnp.zeros((), jnp.int32))
 
     def _ctx(self, label, step, rng, params, batch) -> Context:
-        return Context(step, _module_rng(rng, label, step), params, batch, self.objective, label)
+        return Context(step, _module_rng(rng, label, step), params, batch, self.objective, label,
+                       blocks=self._blocks.get(label, LOCAL))
+
+    @staticmethod
+    def _block_maps(plan: Plan, mesh: Any) -> dict[str, BlockMap]:
+        """Module name -> where its block work runs, from the plan's placement on ``mesh``."""
+        pl = plan.placement
+        if mesh is None:
+            if pl is not None and pl.devices > 1:
+                raise LoweringError(
+                    f"plan {plan.name!r} is placed on a mesh of {pl.devices} devices, but no mesh was given",
+                    where="lower_plan(plan, objective, mesh=None)",
+                    fix="pass the mesh the plan was compiled for (`cp.Optimizer(modules, ..., mesh=mesh)`)",
+                )
+            return {}
+        if pl is None or dict(pl.mesh) != dict(mesh.shape):
+            have = None if pl is None else dict(pl.mesh)
+            raise LoweringError(
+                f"plan {plan.name!r} was placed on mesh {have}, not on the given mesh {dict(mesh.shape)}",
+                where="lower_plan(plan, objective, mesh)",
+                fix="compile the plan with `compile_plan(modules, mesh=mesh)`, or pass the module list to "
+                    "`cp.Optimizer(..., mesh=mesh)`",
+            )
+        return {label: BlockMap(mesh, pl.block_axes) for label in pl.blockwise}
 
     # -- one phase --------------------------------------------------------------------------------------
     def _phase_fn(self, phase: Phase) -> Callable:
@@ -463,6 +489,10 @@ def _unpack(m: Module, result: Any) -> tuple[dict, Any, dict]:
     return dict(outs), state, dict(info)
 
 
-def lower_plan(plan: Plan, objective: Objective) -> LoweredPlan:
-    """Builds the JAX programs of a plan for a model (see `LoweredPlan`)."""
-    return LoweredPlan(plan, objective)
+def lower_plan(plan: Plan, objective: Objective, mesh: Any = None) -> LoweredPlan:
+    """Builds the JAX programs of a plan for a model (see `LoweredPlan`).
+
+    ``mesh`` (a ``jax.sharding.Mesh``) is where a placed plan (``compile_plan(..., mesh=...)``) runs: the block
+    work of its ``blockwise`` modules is split over the plan's block axes with ``shard_map``.
+    """
+    return LoweredPlan(plan, objective, mesh)

@@ -29,6 +29,7 @@ import optax
 
 from curvplan.ir._errors import LoweringError
 from curvplan.ir._module import ModuleSpec
+from curvplan.modules._blocks import LOCAL, BlockMap
 
 Params = Any
 PyTree = Any
@@ -47,6 +48,8 @@ class Context:
         module: the module's name.
         layers: at ``init`` given a batch, a zero-argument function returning the model's `LayerReport`
             (layer discovery on that batch; computed on first call, shared by the plan's modules); else None.
+        blocks: where this module's per-block work runs (`BlockMap`): ``ctx.blocks.map(fn, blocks)`` spreads
+            it over the devices the plan placed it on, and is the plain loop on one device.
     """
 
     step: jax.Array
@@ -56,6 +59,7 @@ class Context:
     objective: Any
     module: str
     layers: Callable[[], Any] | None = None
+    blocks: BlockMap = LOCAL
 
 
 class Inputs(Mapping):

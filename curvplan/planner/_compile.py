@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 
@@ -37,6 +38,7 @@ from curvplan.ir._module import ModuleSpec, Use, _values
 from curvplan.ir._providers import PROVIDERS, ProviderRule
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Op, Phase, Read
+from curvplan.planner._placement import place
 from curvplan.planner._plan import Plan
 
 MAX_PERIOD = 100_000
@@ -51,6 +53,8 @@ def compile_plan(
     name: str = "plan",
     given: Iterable[Quantity] = (),
     max_period: int = MAX_PERIOD,
+    mesh: Any = None,
+    batch_axes: str | Sequence[str] | None = None,
 ) -> Plan:
     """Plans a composition of modules.
 
@@ -61,6 +65,10 @@ def compile_plan(
         name: shown in the plan's first line.
         given: quantities supplied by the caller every step (``as_optax`` passes ``[grad()]``).
         max_period: refuse plans whose phase table (prefix + period) is longer than this.
+        mesh: a ``jax.sharding.Mesh`` (or a mapping axis name -> size) to place the plan on: the batch is split
+            over ``batch_axes`` and the block work of ``blockwise`` modules over every axis (see `Placement`).
+            The placement is a section of the plan text; the rest of the plan does not depend on it.
+        batch_axes: the mesh axes the batch is split over (default ``"data"``, else the first axis).
 
     Returns:
         A static `Plan`.
@@ -110,6 +118,7 @@ def compile_plan(
         state=state,
         merged=merged,
         removed=removed,
+        placement=None if mesh is None else place(mesh, batch_axes, [lbl for lbl, m in live.items() if m.blockwise]),
     )
 
 

@@ -13,6 +13,7 @@ from curvplan.ir._errors import PlanError
 from curvplan.ir._module import ModuleSpec, module_from_dict
 from curvplan.ir._quantity import Quantity
 from curvplan.ir._schedule import Phase, assign_names, format_phase
+from curvplan.planner._placement import Placement
 
 PLAN_FORMAT = "curvplan.plan/1"
 
@@ -35,6 +36,7 @@ class Plan:
         declared: every module after dedup, including removed ones (what `to_dict` stores).
         merged: ``(kept, dropped)`` names of modules merged by dedup.
         removed: modules that never run (nothing reads their outputs).
+        placement: where the plan runs on a device mesh (`Placement`), or ``None`` (not placed).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Plan:
     declared: tuple[ModuleSpec, ...] = ()
     merged: tuple[tuple[str, str], ...] = ()
     removed: tuple[str, ...] = ()
+    placement: Placement | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -- lookups ------------------------------------------------------------------------------------------
@@ -142,6 +145,10 @@ class Plan:
             lines += format_phase(ph, self.names)
         state = list(self.state) + [f"slot {self.names[q]}" for q in self.slots]
         lines.append("state: " + ", ".join(state))
+        if self.placement is not None:
+            provided = sorted({self.names[x] for ph in self.phases for op in ph.ops if op.role == "provider"
+                               for x in op.outputs})
+            lines += self.placement.lines(provided)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -149,8 +156,10 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the canonical text: equal for equal plans, stored in checkpoints."""
-        return hashlib.sha256(str(self).encode()).hexdigest()[:16]
+        """A short hash of the canonical text without its placement section: equal for plans that compute the
+        same thing (on any mesh), stored in checkpoints, so a state restores onto another mesh."""
+        text = str(self).split("\nplacement: ")[0]
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
         # what the plan runs: its text and its running modules (removed modules do not count)
@@ -170,6 +179,7 @@ class Plan:
             "given": [q.to_dict() for q in self.given],
             "max_period": self.max_period,
             "modules": [m.to_dict() for m in self.declared or self.modules],
+            "placement": None if self.placement is None else self.placement.to_dict(),
             "text": str(self),
             "fingerprint": self.fingerprint,
         }
@@ -191,6 +201,8 @@ class Plan:
             name=d["name"],
             given=[Quantity.from_dict(q) for q in d["given"]],
             max_period=d["max_period"],
+            mesh=None if not d.get("placement") else {a: n for a, n in d["placement"]["mesh"]},
+            batch_axes=None if not d.get("placement") else d["placement"]["batch_axes"],
         )
         if "text" in d and str(plan) != d["text"]:
             raise PlanError(

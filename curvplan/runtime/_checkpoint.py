@@ -146,5 +146,7 @@ def _rebuild(files: dict, meta: dict, prefix: str, like: Any, structure: str | N
         if arr.dtype != np.dtype(want.dtype) and not cast:
             raise CheckpointError(f"{key} is {arr.dtype} in the checkpoint, {np.dtype(want.dtype)} here",
                                   where=f"{path}, {key}", fix="pass `cast=True` to convert it")
-        leaves.append(jax.numpy.asarray(arr, dtype=want.dtype))
+        sharding = getattr(x, "sharding", None)  # onto the like state's devices: another mesh restores too
+        leaves.append(jax.device_put(arr.astype(want.dtype), sharding) if sharding is not None
+                      else jax.numpy.asarray(arr, dtype=want.dtype))
     return jax.tree.unflatten(treedef, leaves)

@@ -18,11 +18,15 @@ from curvplan.lowering import LoweredPlan, PlanState
 from curvplan.planner import Plan, compile_plan
 
 
-def as_plan(plan: Any, **options) -> Plan:
-    """``plan`` as a `Plan`: a plan is kept, a module list (or an uncalled preset, refused) is compiled."""
+def as_plan(plan: Any, mesh: Any = None, batch_axes: Any = None) -> Plan:
+    """``plan`` as a `Plan`: a plan is kept, a module list (or an uncalled preset, refused) is compiled. Given a
+    mesh, a plan that is not placed yet is recompiled from its modules, placed on it."""
     if isinstance(plan, Plan):
-        return plan
-    return compile_plan(plan, **options)
+        if mesh is None or plan.placement is not None:
+            return plan
+        return compile_plan(plan.modules, optimize=plan.optimize, name=plan.name, given=plan.given,
+                            max_period=plan.max_period, mesh=mesh, batch_axes=batch_axes)
+    return compile_plan(plan, mesh=mesh, batch_axes=batch_axes)
 
 
 def spec(tree: Any) -> Any:

@@ -8,10 +8,13 @@ from typing import Any
 import jax
 import optax
 
+from curvplan.ir._errors import LoweringError
 from curvplan.ir._module import ModuleSpec
 from curvplan.lowering import LoweredPlan, Objective, PlanState, StepInfo, lower_plan
+from curvplan.modules._blocks import constrain
 from curvplan.planner import Plan
 from curvplan.runtime._checks import as_plan, check_batch, check_params, check_state_matches, check_state_type
+from curvplan.runtime._sharding import in_auto_mode, init_placed, on_mesh, shard_batch
 
 
 def _objective(loss_fn, model_fn, loss) -> Objective:
@@ -26,6 +29,11 @@ class Optimizer:
         loss_fn: ``loss_fn(params, batch) -> scalar`` (gradient and Hessian methods).
         model_fn, loss: ``model_fn(params, inputs) -> outputs`` with ``loss='mse'|'ce'`` and
             ``batch = (inputs, targets)`` (needed by Gauss-Newton methods).
+        mesh: a ``jax.sharding.Mesh`` to run on several devices (docs/scale-out.md). The plan is placed on it
+            (`compile_plan(..., mesh=mesh)`): batches split over ``batch_axes`` (``opt.shard_batch``) give
+            exact means over the global batch, the state follows the parameters' shardings, and refresh work
+            is spread over the devices.
+        batch_axes: the mesh axes the batch is split over (default ``"data"``, else the mesh's first axis).
 
     ``step`` picks the phase on the host and calls that phase's jitted program, so each phase compiles
     exactly once (``trace_counts`` records it). The step counter is read back from the device only when
@@ -48,9 +56,13 @@ class Optimizer:
         *,
         model_fn: Callable | None = None,
         loss: str | None = None,
+        mesh: Any = None,
+        batch_axes: str | Sequence[str] | None = None,
     ):
-        self.plan = as_plan(plan)
-        self.lowered: LoweredPlan = lower_plan(self.plan, _objective(loss_fn, model_fn, loss))
+        self.plan = as_plan(plan, mesh, batch_axes)
+        self.mesh = mesh
+        self.lowered: LoweredPlan = lower_plan(self.plan, _objective(loss_fn, model_fn, loss), mesh)
+        self._state_shardings: Any = None  # set by init on a mesh; each step keeps the state on them
         self.trace_counts = [0] * len(self.plan.phases)
         self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.phase_fns)]
         self._scan = jax.jit(self._run_impl)
@@ -60,8 +72,12 @@ class Optimizer:
         def step(params, state, batch, rng):
             self.trace_counts[i] += 1
             self._check(params, state, batch, "Optimizer.step(params, state, batch)")
-            updates, state, info = f(params, state, batch, rng, {})
-            return optax.apply_updates(params, updates), state, info
+
+            def body(params, state, batch, rng):
+                updates, state, info = f(params, state, batch, rng, {})
+                return optax.apply_updates(params, updates), self._placed(state), info
+
+            return in_auto_mode(body, self.mesh, params, self._state_shardings)(params, state, batch, rng)
 
         step.__name__ = f"curvplan_phase_{i}"
         return step
@@ -71,11 +87,26 @@ class Optimizer:
         check_state_matches(self.lowered, params, state, where, batch)
         check_batch(self.lowered, params, batch, where)
 
+    def _placed(self, state):
+        return state if self._state_shardings is None else constrain(state, self._state_shardings)
+
     def init(self, params: Any, rng: jax.Array | None = None, batch: Any = None) -> PlanState:
         """The optimizer state for ``params``. An example ``batch`` lets modules with per-layer state (K-FAC) read
-        the layers' layout off the model instead of assuming one (only shapes matter)."""
+        the layers' layout off the model instead of assuming one (only shapes matter). On a mesh every entry
+        is placed by the plan's state rule (`state_shardings`): parameter-shaped entries as their parameter."""
         check_params(self.lowered, params, "Optimizer.init(params)")
-        return self.lowered.init(params, rng, batch)
+        if self.mesh is None:
+            return self.lowered.init(params, rng, batch)
+        self._state_shardings, state = init_placed(self.lowered, params, rng, batch, self.mesh)
+        return state
+
+    def shard_batch(self, batch: Any, stacked: bool = False) -> Any:
+        """``batch`` (the same global batch on every process) split over the plan's batch axes; ``stacked=True``
+        for the per-step stack that `run` takes."""
+        if self.mesh is None:
+            raise LoweringError("this optimizer has no mesh", where="Optimizer.shard_batch(batch)",
+                                fix="build it with `cp.Optimizer(modules, ..., mesh=mesh)`")
+        return shard_batch(batch, self.mesh, self.plan.placement, stacked)
 
     def step(self, params, state: PlanState, batch, rng: jax.Array | None = None) -> tuple[Any, PlanState, StepInfo]:
         """One step: returns ``(new_params, new_state, info)``."""
@@ -83,9 +114,16 @@ class Optimizer:
                          "pass the state from `opt.init(params)` (an `as_optax` state belongs to `tx.update`)")
         known = self._last_step
         t = known[1] if known is not None and state.step is known[0] else int(state.step)
-        params, state, info = self._jitted[self.plan.phase_of(t)](params, state, batch, rng)
+        with on_mesh(self.mesh):
+            params, state, info = self._jitted[self.plan.phase_of(t)](params, state, batch, rng)
         self._last_step = (state.step, t + 1)
         return params, state, info
+
+    def compiled(self, phase: int, params, state: PlanState, batch, rng: jax.Array | None = None) -> Any:
+        """The compiled program of ``phase`` for these arguments (a ``jax.stages.Compiled``): its
+        ``cost_analysis()``, ``memory_analysis()`` and ``as_text()`` (on a mesh, the per-device program)."""
+        with on_mesh(self.mesh):
+            return self._jitted[phase].lower(params, state, batch, rng).compile()
 
     def _run_impl(self, params, state, batches, rng):
         first = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), batches)
@@ -94,7 +132,7 @@ class Optimizer:
         def body(carry, batch):
             params, state = carry
             updates, state, info = self.lowered.switch(params, state, batch, rng)
-            return (optax.apply_updates(params, updates), state), info
+            return (optax.apply_updates(params, updates), self._placed(state)), info
 
         (params, state), infos = jax.lax.scan(body, (params, state), batches)
         return params, state, infos

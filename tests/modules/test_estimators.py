@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ctx_for
 from jax.flatten_util import ravel_pytree
 
 import curvplan as cp
 from curvplan.ir import quantities as q
 from curvplan.lowering._objective import PROVIDER_IMPLS, Objective
-from curvplan.modules import Context, DiagEMA, DiagonalDirection, Hessian, HutchinsonDiag, LinearOperator, UpdateTail
+from curvplan.modules import DiagEMA, DiagonalDirection, Hessian, HutchinsonDiag, LinearOperator, UpdateTail
 from curvplan.modules._base import Inputs
 from curvplan.modules._presets_second_order import hutchinson_estimates
 from curvplan.modules.estimators._gnb import GNBDiag
@@ -28,11 +29,6 @@ from curvplan.modules.preconditioners._spatial import SpatialAverage, spatial_av
 from curvplan.modules.solvers._direct import IdentitySolve
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 references (tests/conftest.py)
-
-
-def ctx_for(params, key=None, batch=None):
-    return Context(step=jnp.zeros((), jnp.int32), rng=key, params=params, batch=batch, objective=None,
-                   module="m")
 
 
 def sym(rs, n):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import optax_trajectory
+from helpers import ctx_for, optax_trajectory
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
@@ -190,7 +190,7 @@ def test_lmo_direction_exact_spectral_and_rules():
     mod = LMODirection(ns="exact", rules=(("emb", "colnorm", 3.0),))
     assert mod.leaf_rule("['a']['w']", (5, 3)) == ("spectral", 1.0)
     assert mod.leaf_rule("['emb']", (4, 2)) == ("colnorm", 3.0)
-    out, _ = mod.apply(Inputs({"grad": g}, mod.label), mod.init(g, None), None)
+    out, _ = mod.apply(Inputs({"grad": g}, mod.label), mod.init(g, None), ctx_for(g))
     d = out["direction"]
     u, _, vt = np.linalg.svd(np.asarray(g["a"]["w"]), full_matrices=False)
     np.testing.assert_allclose(np.asarray(d["a"]["w"]), u @ vt * math.sqrt(3 / 5), atol=1e-5)
@@ -204,7 +204,7 @@ def test_equal_shape_matrices_are_orthogonalised_in_one_batched_call():
     mod = MuonDirection()
     st = mod.init(g, None)
     jaxpr = jax.make_jaxpr(
-        lambda g, s: mod.apply(Inputs({"grad": g, "params": g}, mod.label), s, None)
+        lambda g, s: mod.apply(Inputs({"grad": g, "params": g}, mod.label), s, ctx_for(g))
     )(g, st)
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 2 * 15, len(dots)  # one call for the (16, 16) stack, one for (16, 3)

@@ -7,7 +7,6 @@ from curvplan.modules.geometry._adaptive import log_criterion as log_criterion
 from curvplan.modules.geometry._adaptive import schatten_inv_p as schatten_inv_p
 from curvplan.modules.geometry._lmo import LMODirection as LMODirection
 from curvplan.modules.geometry._lmo import leaf_keys as leaf_keys
-from curvplan.modules.geometry._lmo import stacked_map as stacked_map
 from curvplan.modules.geometry._maps import NS_PRESETS as NS_PRESETS
 from curvplan.modules.geometry._maps import POLAR_EXPRESS as POLAR_EXPRESS
 from curvplan.modules.geometry._maps import STANDARD_NS as STANDARD_NS

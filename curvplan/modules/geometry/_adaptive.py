@@ -22,7 +22,7 @@ from curvplan.ir import quantities as q
 from curvplan.ir._cadence import Cadence
 from curvplan.modules._base import Module
 from curvplan.modules.geometry import _maps
-from curvplan.modules.geometry._lmo import leaf_keys, stacked_map
+from curvplan.modules.geometry._lmo import leaf_keys
 from curvplan.modules.geometry._muon import ema_moments
 
 DEFAULT_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
@@ -242,6 +242,7 @@ class SchattenDirection(Module):
     """
 
     kind: Literal["schatten_direction"] = "schatten_direction"
+    blockwise = True
     beta: float = Field(0.95, ge=0.0, lt=1.0)
     nesterov: bool = True
     precondition: Literal["none", "adam"] = "none"
@@ -300,7 +301,8 @@ class SchattenDirection(Module):
                 out[i] = amh[i] / (jnp.sqrt(v_hat) + self.eps)
             else:
                 out[i] = mh[i] if d is None else d * d * mh[i]
-        for i, phi, inv in zip(idx, stacked_map(self._phi, mats, inv_list), inv_list):
+        phis = ctx.blocks.map_stacked(lambda s: self._phi(*s), list(zip(mats, inv_list)))
+        for i, phi, inv in zip(idx, phis, inv_list):
             fan_in, fan_out = mats[idx.index(i)].shape
             s = max(1.0, fan_out / fan_in) ** 0.5 if self.shape_scale else 1.0
             phi = phi.reshape(leaves[i].shape) * s ** (1.0 - inv)

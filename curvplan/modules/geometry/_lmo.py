@@ -1,12 +1,10 @@
-"""LMO directions over a parameter tree (Scion-style, docs/math.md §7.1), with same-shape stacking."""
+"""LMO directions over a parameter tree (Scion-style, docs/math.md §7.1); same-shape matrices share one call."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 from pydantic import Field
 
@@ -23,23 +21,6 @@ NormOrAuto = Literal[
 def leaf_keys(tree) -> list[str]:
     """``jax.tree_util.keystr`` of every leaf, in ``jax.tree.leaves`` order (the shared layer-key convention)."""
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def stacked_map(fn: Callable, mats: list[jax.Array], extras: list | None = None) -> list[jax.Array]:
-    """``[fn(m) for m in mats]`` computed with one batched call per distinct shape (``fn`` takes a stack).
-
-    ``extras`` (one scalar per matrix) are stacked alongside and passed as ``fn(stack, extras_stack)``.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(mats):
-        groups.setdefault((m.shape, m.dtype), []).append(i)
-    out: list = [None] * len(mats)
-    for idx in groups.values():
-        stack = jnp.stack([mats[i] for i in idx])
-        res = fn(stack) if extras is None else fn(stack, jnp.stack([jnp.asarray(extras[i]) for i in idx]))
-        for j, i in enumerate(idx):
-            out[i] = res[j]
-    return out
 
 
 class LMOState(NamedTuple):
@@ -67,6 +48,7 @@ class LMODirection(Module):
     """
 
     kind: Literal["lmo_direction"] = "lmo_direction"
+    blockwise = True
     norm: NormOrAuto = "auto"
     radius: float = Field(1.0, gt=0)
     rules: tuple[tuple[str, NormOrAuto, float], ...] = ()
@@ -113,7 +95,7 @@ class LMODirection(Module):
             if ns is None
             else (lambda s: _maps.newton_schulz(s, ns, self.ns_steps))
         )
-        for i, o in zip(spectral, stacked_map(polar, mats)):
+        for i, o in zip(spectral, ctx.blocks.map_stacked(polar, mats)):
             x = leaves[i]
             if rules[i][0] == "spectral":
                 fan_in, fan_out = x.shape

@@ -15,7 +15,7 @@ from curvplan.ir import quantities as q
 from curvplan.ir._errors import ConfigError
 from curvplan.modules._base import Module
 from curvplan.modules.geometry import _maps
-from curvplan.modules.geometry._lmo import leaf_keys, stacked_map
+from curvplan.modules.geometry._lmo import leaf_keys
 
 
 def ema_moments(g, m, count, beta: float, nesterov: bool):
@@ -70,6 +70,7 @@ class MuonDirection(Module):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     kind: Literal["muon_direction"] = "muon_direction"
+    blockwise = True
     beta: float = Field(0.95, ge=0.0, lt=1.0)
     nesterov: bool = True
     ns: Literal["standard", "polar_express", "exact"] = "standard"
@@ -140,7 +141,7 @@ class MuonDirection(Module):
             if ns is None
             else (lambda s: _maps.newton_schulz(s, ns, self.ns_steps, self.eps))
         )
-        for i, o in zip(idx, stacked_map(polar, [mh[i] for i in idx])):
+        for i, o in zip(idx, ctx.blocks.map_stacked(polar, [mh[i] for i in idx])):
             fan_in, fan_out = leaves[i].shape
             scale = (
                 max(fan_in, fan_out) ** 0.5 * self.consistent_rms

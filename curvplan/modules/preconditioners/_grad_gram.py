@@ -145,6 +145,7 @@ class GradGram(Module):
     """
 
     kind: Literal["grad_gram"] = "grad_gram"
+    blockwise = True
     beta: float | None = Field(0.95, ge=0.0, lt=1.0)
     init_scale: float = Field(0.0, ge=0.0)
     block_size: int | None = Field(None, ge=1)
@@ -174,14 +175,12 @@ class GradGram(Module):
         return GramFactors(per_leaf(leaf, params), jnp.zeros((), jnp.int32))
 
     def apply(self, inputs, state: GramFactors, ctx):
-        def leaf(g):  # this step's statistics, laid out like the factors
-            g = g.astype(stat_dtype(g))
-            lay = gram_layout(g.shape, self.block_size, self.max_dim)
-            if lay is None:
-                return g * g
-            return tuple((symmetrize(mm(gb, gb.T)), symmetrize(mm(gb.T, gb))) for gb in blocks_of(g, lay))
-
-        stats = per_leaf(leaf, inputs.grad)
+        leaves = [g.astype(stat_dtype(g)) for g in jax.tree.leaves(inputs.grad)]
+        lays = [gram_layout(g.shape, self.block_size, self.max_dim) for g in leaves]
+        blocks = [gb for g, lay in zip(leaves, lays) if lay is not None for gb in blocks_of(g, lay)]
+        grams = iter(ctx.blocks.map(lambda gb: (symmetrize(mm(gb, gb.T)), symmetrize(mm(gb.T, gb))), blocks))
+        # this step's statistics, laid out like the factors
+        stats = tuple(g * g if lay is None else tuple(next(grams) for _ in lay) for g, lay in zip(leaves, lays))
         if self.beta is None:
             factors = optax.tree.add(state.factors, stats)
         else:
@@ -264,6 +263,7 @@ class GramEigbasis(GramConsumer):
     """
 
     kind: Literal["gram_eigbasis"] = "gram_eigbasis"
+    blockwise = True
     gram: Spec = GradGram().spec
     method: Literal["eigh", "power_qr"] = "eigh"
     info_fields = (("eig_failures", "int"),)
@@ -290,9 +290,9 @@ class GramEigbasis(GramConsumer):
         gram: GramFactors = inputs.factors
         prev: Eigbasis = inputs.basis
         first = prev.count == 0
-        failed = []
 
-        def refresh(a, old: Eigen) -> Eigen:
+        def refresh(item) -> tuple[Eigen, jax.Array]:
+            a, old = item
             if self.method == "eigh":
                 Q, lam = eigh_desc(a)
                 new = Eigen(Q, lam, jnp.arange(a.shape[0], dtype=jnp.int32))
@@ -300,15 +300,17 @@ class GramEigbasis(GramConsumer):
                 new = jax.lax.cond(first, lambda: Eigen(*eigh_desc(a), jnp.arange(a.shape[0], dtype=jnp.int32)),
                                    lambda: power_qr(a, old))
             ok = jnp.all(jnp.isfinite(new.Q)) & jnp.all(jnp.isfinite(new.lam))
-            failed.append(~ok)
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old), (~ok).astype(jnp.int32)
 
+        pairs = [(fac, old) for fac, old in zip(gram.factors, prev.bases) if isinstance(fac, tuple)]
+        items = [(a, e) for fac, old in pairs for (L, R), (eL, eR) in zip(fac, old) for a, e in ((L, eL), (R, eR))]
+        done = iter(ctx.blocks.map(refresh, items))
         bases = tuple(
-            () if not isinstance(fac, tuple)
-            else tuple((refresh(L, eL), refresh(R, eR)) for (L, R), (eL, eR) in zip(fac, old))
-            for fac, old in zip(gram.factors, prev.bases)
+            () if not isinstance(fac, tuple) else tuple((next(done), next(done)) for _ in fac)
+            for fac in gram.factors
         )
-        n_failed = sum(f.astype(jnp.int32) for f in failed) if failed else jnp.zeros((), jnp.int32)
+        n_failed = sum((f for blk in bases for pair in blk for _, f in pair), jnp.zeros((), jnp.int32))
+        bases = tuple(tuple((eL, eR) for (eL, _), (eR, _) in blk) for blk in bases)
         state = GramEigbasisState(state.failures + n_failed)
         return {"basis": Eigbasis(bases, prev.count + 1)}, state, {"eig_failures": state.failures}
 

@@ -120,6 +120,18 @@ def _per_slice(fn, stack: int):
     return jax.vmap(fn) if stack else fn
 
 
+def _slices(item: tuple, split: bool) -> list[tuple]:
+    """A layer's arrays as block items: the slices of a stacked layer when ``split``, else the layer whole."""
+    if not split:
+        return [item]
+    return [tuple(x[j] for x in item) for j in range(item[0].shape[0])]
+
+
+def _unslice(parts: list, stacked: bool):
+    """Inverse of `_slices` for the results."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *parts) if stacked else parts[0]
+
+
 def _report(acts, module: str):
     report = getattr(acts, "report", None)
     if report is None:
@@ -284,6 +296,7 @@ class KFACInverse(Module):
     """
 
     kind: Literal["kfac_inverse"] = "kfac_inverse"
+    blockwise = True
     out_axis: Literal[-1, 0] = -1
     stacked: tuple[str, ...] = ()
     pi_damping: float | None = Field(None, gt=0)
@@ -315,9 +328,17 @@ class KFACInverse(Module):
     def apply(self, inputs, state: KFACInverseState, ctx):
         factors, prev = inputs["factors"], inputs["basis"]
         layers, finite = dict(prev["layers"]), jnp.array(True)
+        split = ctx.blocks.shares > 1  # stacked layers are cut into slices only when devices share them
+        items, statics = [], []
         for key, (A, G) in factors.items():
             pad = layers[key][0].shape[-1] - A.shape[-1]
-            entry = _per_slice(lambda A, G, pad=pad: self._refresh(A, G, pad), A.ndim == 3)(A, G)
+            parts = _slices((A, G), split and A.ndim == 3)
+            items += parts
+            statics += [(pad, A.ndim == 3 and not split)] * len(parts)
+        done = iter(ctx.blocks.map(lambda f, st: _per_slice(lambda A, G: self._refresh(A, G, st[0]), st[1])(*f),
+                                   items, statics))
+        for key, (A, G) in factors.items():
+            entry = _unslice([next(done) for _ in _slices((A, G), split and A.ndim == 3)], A.ndim == 3 and split)
             layers[key] = entry
             finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in entry]))
         new = {"count": prev["count"] + 1, "layers": layers}
@@ -367,6 +388,7 @@ class KFACDirection(Module):
     """
 
     kind: Literal["kfac_direction"] = "kfac_direction"
+    blockwise = True
     damping: float = Field(1e-3, gt=0)
     damping_mode: Literal["pi", "exact"] = "pi"
     fallback: Literal["identity", "diagonal"] = "identity"
@@ -412,6 +434,8 @@ class KFACDirection(Module):
         flat_g = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
         solved: dict[str, jax.Array] = {}
         ready = basis["count"] > 0
+        split = ctx.blocks.shares > 1
+        items, statics, keys = [], [], []
         for key, layer in layers.items():
             entry = basis["layers"][key]
             dt = entry[0].dtype
@@ -423,11 +447,24 @@ class KFACDirection(Module):
                 n += 1
             if self._uses_inverses:
                 Ainv, Ginv = entry
-                U = jnp.matmul(jnp.matmul(Ainv[..., :n, :n], grad_m, precision=_HI), Ginv, precision=_HI)
+                item = (Ainv[..., :n, :n], Ginv, grad_m)
             else:
                 QA, lA, QG, lG = entry
-                solve = _per_slice(lambda QA, lA, QG, lG, m: self.solve(QA, lA, QG, lG, m, gamma), layer.stack)
-                U = solve(QA[..., :n, :n], lA[..., :n], QG, lG, grad_m)
+                item = (QA[..., :n, :n], lA[..., :n], QG, lG, grad_m)
+            parts = _slices(item, split and bool(layer.stack))
+            items += parts
+            statics += [bool(layer.stack) and not split] * len(parts)
+            keys.append((key, layer, len(parts)))
+
+        def solve(item, stacked):
+            if self._uses_inverses:
+                Ainv, Ginv, m = item
+                return jnp.matmul(jnp.matmul(Ainv, m, precision=_HI), Ginv, precision=_HI)
+            return _per_slice(lambda QA, lA, QG, lG, m: self.solve(QA, lA, QG, lG, m, gamma), stacked)(*item)
+
+        done = iter(ctx.blocks.map(solve, items, statics))
+        for key, layer, n_parts in keys:
+            U = _unslice([next(done) for _ in range(n_parts)], bool(layer.stack) and split)
             solved[key] = jnp.where(ready, layer.from_matrix(U[..., : layer.d_in, :]), 0.0).astype(flat_g[key].dtype)
             if layer.bias:
                 b = jnp.zeros(flat_g[layer.bias].size, U.dtype).at[layer.bias_index].set(U[..., -1, :])

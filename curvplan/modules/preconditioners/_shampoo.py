@@ -81,6 +81,7 @@ class Shampoo(GramConsumer):
     """
 
     kind: Literal["shampoo"] = "shampoo"
+    blockwise = True
     gram: Spec = GradGram().spec
     method: Literal["eigh", "power_qr"] = "eigh"
     exponent: float = Field(4.0, gt=0)
@@ -124,40 +125,48 @@ class Shampoo(GramConsumer):
         leaves, treedef = jax.tree.flatten(grads)
         old_roots, bases = state.roots, basis.bases
 
+        def root_pair(item):
+            (el, er), (rl, rr) = item
+            nl = inverse_root(el, self.exponent, self.epsilon, self.epsilon_abs)
+            nr = inverse_root(er, self.exponent, self.epsilon, self.epsilon_abs)
+            ok = jnp.all(jnp.isfinite(nl)) & jnp.all(jnp.isfinite(nr))
+            return (jnp.where(ok, nl, rl), jnp.where(ok, nr, rr)), (~ok).astype(jnp.int32)
+
         def fresh_roots():
-            out, fails = [], jnp.zeros((), jnp.int32)
-            for old, blocks in zip(old_roots, bases):
-                new = []
-                for (rl, rr), (el, er) in zip(old, blocks):
-                    nl = inverse_root(el, self.exponent, self.epsilon, self.epsilon_abs)
-                    nr = inverse_root(er, self.exponent, self.epsilon, self.epsilon_abs)
-                    ok = jnp.all(jnp.isfinite(nl)) & jnp.all(jnp.isfinite(nr))
-                    fails = fails + (~ok).astype(jnp.int32)
-                    new.append((jnp.where(ok, nl, rl), jnp.where(ok, nr, rr)))
-                out.append(tuple(new))
-            return tuple(out), fails
+            items = [(e, r) for old, blocks in zip(old_roots, bases) for r, e in zip(old, blocks)]
+            done = iter(ctx.blocks.map(root_pair, items))
+            out = tuple(tuple(next(done) for _ in old) for old in old_roots)
+            fails = sum((f for leaf in out for _, f in leaf), jnp.zeros((), jnp.int32))
+            return tuple(tuple(r for r, _ in leaf) for leaf in out), fails
 
         roots, nfail = jax.lax.cond(basis.count != state.seen, fresh_roots,
                                     lambda: (old_roots, jnp.zeros((), jnp.int32)))
         count = state.count + 1
         have_root = basis.count > 0
         accs = state.graft if self.graft in ("adagrad", "adam") else [None] * len(leaves)
-        dirs, new_accs = [], []
-        for g, r, acc in zip(leaves, roots, accs):
+        g32s, ds, new_accs, lays = [], [], [], []
+        for g, acc in zip(leaves, accs):
             g32 = g.astype(stat_dtype(g))
             d, acc = self._graft_dir(g32, acc, count)
-            new_accs.append(acc)
-            lay = spec_layout(self.gram, g.shape)
+            g32s.append(g32), ds.append(d), new_accs.append(acc), lays.append(spec_layout(self.gram, g.shape))
+
+        def precondition(item):
+            gb, db, (rl, rr) = item
+            p = mm(mm(rl, gb), rr)
+            if self.graft != "none":
+                p = p * (jnp.linalg.norm(db) / jnp.maximum(jnp.linalg.norm(p), 1e-30))
+            return p
+
+        items = [(gb, db, rb) for g32, d, r, lay in zip(g32s, ds, roots, lays) if lay is not None
+                 for gb, db, rb in zip(blocks_of(g32, lay), blocks_of(d, lay), r)]
+        done = iter(ctx.blocks.map(precondition, items))
+        dirs = []
+        for g, d, lay in zip(leaves, ds, lays):
             if lay is None:
                 dirs.append(d.astype(g.dtype))
-                continue
-            pb = []
-            for gb, db, (rl, rr) in zip(blocks_of(g32, lay), blocks_of(d, lay), r):
-                p = mm(mm(rl, gb), rr)
-                if self.graft != "none":
-                    p = p * (jnp.linalg.norm(db) / jnp.maximum(jnp.linalg.norm(p), 1e-30))
-                pb.append(p)
-            dirs.append(jnp.where(have_root, assemble(pb, lay, g.shape), d).astype(g.dtype))
+            else:
+                pb = [next(done) for _ in lay]
+                dirs.append(jnp.where(have_root, assemble(pb, lay, g.shape), d).astype(g.dtype))
         graft = tuple(new_accs) if self.graft in ("adagrad", "adam") else ()
         failures = state.failures + nfail
         new = ShampooState(tuple(roots), basis.count, failures, graft, count)

@@ -66,6 +66,7 @@ class Soap(GramConsumer):
     """
 
     kind: Literal["soap"] = "soap"
+    blockwise = True
     gram: Spec = GradGram().spec
     method: Literal["eigh", "power_qr"] = "power_qr"
     b1: float = Field(0.95, ge=0, lt=1)
@@ -110,43 +111,48 @@ class Soap(GramConsumer):
         scale = jnp.sqrt(1 - b2**t) / (1 - b1**t) if self.correct_bias else 1.0
         ema = optax.tree.update_moment
         ema_sq = optax.tree.update_moment_per_elem_norm
-        out, new_m, new_v, new_used = [], [], [], []
+        rotate = self.moments == "rotate"
+
+        def block(item):  # one block: its second moment, its rotated first moment, its direction
+            gb, vb, (el, er), mb, used = item
+            vb = jnp.where(changed, vb[el.perm][:, er.perm], vb)
+            gt = mm(mm(el.Q.T, gb), er.Q)
+            if rotate:
+                ql, qr = used
+                mb = jax.lax.cond(changed, lambda: mm(mm(el.Q.T, mm(mm(ql, mb), qr.T)), er.Q), lambda: mb)
+                mb = ema(gt, mb, b1, 1)
+                mt = mb
+            else:
+                mt = mm(mm(el.Q.T, mb), er.Q)
+            vb = ema_sq(gt, vb, b2, 2)
+            return vb, mb, mm(mm(el.Q, mt / (jnp.sqrt(vb) + eps)), er.Q.T)
+
+        out, new_m, new_v, new_used, items, lays = [], [], [], [], [], []
         for g, m, v, used, blocks in zip(leaves, ms, vs, useds, bases):
             g = g.astype(stat_dtype(g))
             lay = spec_layout(self.gram, g.shape)
+            lays.append(lay)
             if lay is None:  # plain Adam
                 m, v = ema(g, m, b1, 1), ema_sq(g, v, b2, 2)
                 out.append(scale * m / (jnp.sqrt(v) + eps))
                 new_m.append(m), new_v.append(v), new_used.append(())
                 continue
-            if self.moments == "keep":
-                m = ema(g, m, b1, 1)
-                mbs = blocks_of(m, lay)
-            nb, vb_new, mb_new = [], [], []
-            for i, (gb, vb, (el, er)) in enumerate(zip(blocks_of(g, lay), v, blocks)):
-                vb = jnp.where(changed, vb[el.perm][:, er.perm], vb)
-                gt = mm(mm(el.Q.T, gb), er.Q)
-                if self.moments == "rotate":
-                    ql, qr = used[i]
-                    mb = jax.lax.cond(
-                        changed,
-                        lambda mb=m[i], ql=ql, qr=qr, el=el, er=er: mm(mm(el.Q.T, mm(mm(ql, mb), qr.T)), er.Q),
-                        lambda mb=m[i]: mb)
-                    mb = ema(gt, mb, b1, 1)
-                    mb_new.append(mb)
-                    mt = mb
-                else:
-                    mt = mm(mm(el.Q.T, mbs[i]), er.Q)
-                vb = ema_sq(gt, vb, b2, 2)
-                vb_new.append(vb)
-                nb.append(mm(mm(el.Q, mt / (jnp.sqrt(vb) + eps)), er.Q.T))
-            out.append(scale * assemble(nb, lay, g.shape))
-            new_v.append(tuple(vb_new))
-            if self.moments == "rotate":
-                new_m.append(tuple(mb_new))
-                new_used.append(tuple((el.Q, er.Q) for el, er in blocks))
+            if rotate:
+                mbs, new_used_leaf = m, tuple((el.Q, er.Q) for el, er in blocks)
             else:
-                new_m.append(m), new_used.append(())
+                m = ema(g, m, b1, 1)
+                mbs, used, new_used_leaf = blocks_of(m, lay), [()] * len(lay), ()
+            items += list(zip(blocks_of(g, lay), v, blocks, mbs, used))
+            out.append(None), new_m.append(None if rotate else m), new_v.append(None), new_used.append(new_used_leaf)
+        done = iter(ctx.blocks.map(block, items))
+        for i, (g, lay) in enumerate(zip(leaves, lays)):
+            if lay is None:
+                continue
+            res = [next(done) for _ in lay]
+            new_v[i] = tuple(r[0] for r in res)
+            if rotate:
+                new_m[i] = tuple(r[1] for r in res)
+            out[i] = scale * assemble([r[2] for r in res], lay, g.shape)
         direction = treedef.unflatten([d.astype(g.dtype) for d, g in zip(out, leaves)])
         new = SoapState(tuple(new_m), tuple(new_v), tuple(new_used),
                         basis.count, count)
