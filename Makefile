@@ -8,7 +8,7 @@ PYTEST_FLAGS ?= -n 2 --dist loadfile
 # The multi-device tests run in a process of their own: 8 simulated CPU devices, set before JAX starts.
 SPMD_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo examples test test-newest lint docs bench bench-quick bench-peers bench-planner graphviz fashion-mnist clean
+.PHONY: demo examples test test-newest lint docs bench bench-quick bench-peers bench-scale bench-planner graphviz fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -123,6 +123,10 @@ $(KFAC_VENV)/.ready:
 
 bench-peers: $(KFAC_VENV)/.ready $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run kfac
+
+# Per-device FLOPs, bytes, factorizations and state of each phase program on 1 / 2 / 4 / 8 devices.
+bench-scale: $(VENV)/.bench
+	$(SPMD_ENV) $(BIN)/python -m benchmarks.scale
 
 bench-planner: $(VENV)/.core
 	$(BIN)/python -m benchmarks.planner_speed

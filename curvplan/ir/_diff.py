@@ -17,6 +17,8 @@ class PlanDiff:
         cadences: ``(module, before, after)`` for modules whose effective cadence changed.
         added_quantities / removed_quantities: ``(name, cadence)`` of values computed only in ``b`` / ``a``.
         phases: ``("-"|"+", header)`` for phase headers that disappeared / appeared.
+        placement: ``(before, after)`` summaries of where the plans run (`Placement.summary`; ``"one device"``
+            for a plan without placement) when they differ, else ``()``.
         text: unified diff of the canonical texts, phase headers as hunk context.
     """
 
@@ -27,10 +29,11 @@ class PlanDiff:
     added_quantities: tuple[tuple[str, str], ...]
     removed_quantities: tuple[tuple[str, str], ...]
     phases: tuple[tuple[str, str], ...]
+    placement: tuple[str, ...]
     text: str
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.added or self.removed or self.changed or self.cadences)
+        return bool(self.text or self.added or self.removed or self.changed or self.cadences or self.placement)
 
     def __str__(self) -> str:
         return self.text
@@ -46,6 +49,11 @@ def _modules(plan: Any) -> dict[str, tuple[str, str]]:
 
 def _headers(plan: Any) -> list[str]:
     return [ph.header + " [" + ", ".join(ph.providers) + "]" for ph in plan.phases]
+
+
+def _placement(plan: Any) -> str:
+    placement = getattr(plan, "placement", None)
+    return "one device" if placement is None else placement.summary
 
 
 def _unified(a: str, b: str, label_a: str, label_b: str) -> str:
@@ -93,5 +101,7 @@ def diff_plans(a: Any, b: Any) -> PlanDiff:
     removed_q = tuple((q, qa[q]) for q in sorted(set(qa) - set(qb)))
     ha, hb = _headers(a), _headers(b)
     phases = tuple(("-", h) for h in ha if h not in hb) + tuple(("+", h) for h in hb if h not in ha)
+    where = (_placement(a), _placement(b))
     text = _unified(str(a), str(b), f"a/{a.name}", f"b/{b.name}")
-    return PlanDiff(added, removed, changed, cadences, added_q, removed_q, phases, text)
+    return PlanDiff(added, removed, changed, cadences, added_q, removed_q, phases,
+                    where if where[0] != where[1] else (), text)

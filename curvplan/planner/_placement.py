@@ -7,8 +7,9 @@ Given a mesh (axis name -> size), the plan records:
 - the **block axes**: every module that declares ``blockwise`` work (factorizations, roots, rotations,
   Newton-Schulz) has its same-shape blocks stacked and the stack split over these axes (all axes of size > 1),
   so no device does every block;
-- the **state rule**: state shaped like a parameter follows that parameter's sharding; other state (Kronecker
-  factors, eigenbases, roots) is split over the block axes on its first dimension they divide.
+- the **state rule**: state shaped like a sharded parameter follows that parameter's sharding; other state
+  (Kronecker factors, eigenbases, roots, moments of replicated parameters) is split over the block axes on its
+  first dimension they divide.
 
 A plan for 8 devices differs from the plan for 1 device only in these lines.
 """
@@ -47,6 +48,13 @@ class Placement:
         """The number of devices splitting a value over ``axes``."""
         return math.prod(dict(self.mesh)[a] for a in axes)
 
+    @property
+    def summary(self) -> str:
+        """One line: the mesh, the batch axes and the block axes with the modules whose work they split."""
+        mesh = " ".join(f"{a}={n}" for a, n in self.mesh)
+        blocks = f"; blocks over ({', '.join(self.block_axes)}): {', '.join(self.blockwise)}" if self.blockwise else ""
+        return f"mesh {mesh}; batch over ({', '.join(self.batch_axes)}){blocks}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"mesh": [list(x) for x in self.mesh], "batch_axes": list(self.batch_axes)}
 
@@ -61,7 +69,7 @@ class Placement:
             out.append(f"  batch over {axes(self.batch_axes)}: {', '.join(provided)} (means over the global batch)")
         if self.blockwise:
             out.append(f"  blocks over {axes(self.block_axes)}: {', '.join(self.blockwise)}")
-        out.append(f"  state: parameter-shaped follows the parameters; other state split over {axes(self.block_axes)}")
+        out.append(f"  state: shaped like a sharded parameter follows it; the rest split over {axes(self.block_axes)}")
         return out
 
 

@@ -11,8 +11,10 @@ from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
 from curvplan.ir._module import ModuleSpec
 from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
+from curvplan.modules._blocks import constrain
 from curvplan.planner import Plan, compile_plan
 from curvplan.runtime._checks import check_batch, check_params, check_state_matches, check_state_type
+from curvplan.runtime._sharding import in_auto_mode, init_placed, param_shardings
 
 
 class OptaxPlanState(NamedTuple):
@@ -47,6 +49,8 @@ def as_optax(
     model_fn: Callable | None = None,
     loss: str | None = None,
     example_batch: Any = None,
+    mesh: Any = None,
+    batch_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps a plan as an optax transformation.
 
@@ -57,6 +61,11 @@ def as_optax(
     update works inside a user's own ``jax.jit``. ``state.info`` holds the last step's `StepInfo`.
     ``example_batch`` (shapes are what matter) is traced at ``init`` by modules that lay out per-layer state,
     so K-FAC reads each layer's weight layout off the model (see `Optimizer.init`).
+
+    With ``mesh=`` (and ``batch_axes=``, default ``"data"``) the plan is placed on the mesh as for
+    `Optimizer`: ``init`` returns the state on the plan's shardings (parameter-shaped entries as their
+    parameter), ``update`` keeps it there, block work is split over the devices, and a ``batch`` split over
+    the batch axes (``jax.device_put`` with a ``NamedSharding``) gives means over the global batch.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, curvplan as cp
@@ -75,13 +84,20 @@ def as_optax(
         name=base.name if base else "plan",
         given=[q.grad()],
         max_period=base.max_period if base else 100_000,
+        mesh=mesh,
+        batch_axes=batch_axes,
     )
     _check_reads_given_grad(planned)
-    lowered = lower_plan(planned, Objective(loss_fn=loss_fn, model_fn=model_fn, loss_kind=loss))
+    lowered = lower_plan(planned, Objective(loss_fn=loss_fn, model_fn=model_fn, loss_kind=loss), mesh)
+    shardings: list[Any] = [None, None]  # the state's and the parameters' shardings, set by init on a mesh
 
     def init_fn(params):
         check_params(lowered, params, "init(params)")
-        return OptaxPlanState(lowered.init(params, batch=example_batch), lowered.empty_info())
+        if mesh is None:
+            return OptaxPlanState(lowered.init(params, batch=example_batch), lowered.empty_info())
+        shardings[0], state = init_placed(lowered, params, None, example_batch, mesh)
+        shardings[1] = param_shardings(params, mesh)
+        return OptaxPlanState(state, lowered.empty_info())
 
     def update_fn(updates, state: OptaxPlanState, params=None, *, batch=None, rng=None, **extra):
         del extra
@@ -98,7 +114,17 @@ def as_optax(
         check_state_matches(lowered, params, state.plan_state, where,
                             batch if example_batch is None else example_batch)
         check_batch(lowered, params, batch, where)
-        new_updates, plan_state, info = lowered.switch(params, state.plan_state, batch, rng, {q.grad(): updates})
+        if mesh is None or shardings[0] is None:
+            new_updates, plan_state, info = lowered.switch(params, state.plan_state, batch, rng,
+                                                           {q.grad(): updates})
+            return new_updates, OptaxPlanState(plan_state, info)
+
+        def body(params, plan_state, updates, batch, rng):
+            new_updates, plan_state, info = lowered.switch(params, plan_state, batch, rng, {q.grad(): updates})
+            return constrain(new_updates, shardings[1]), constrain(plan_state, shardings[0]), info
+
+        new_updates, plan_state, info = in_auto_mode(body, mesh, params, shardings[0])(
+            params, state.plan_state, updates, batch, rng)
         return new_updates, OptaxPlanState(plan_state, info)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,7 +14,7 @@ from curvplan.lowering import LoweredPlan, Objective, PlanState, StepInfo, lower
 from curvplan.modules._blocks import constrain
 from curvplan.planner import Plan
 from curvplan.runtime._checks import as_plan, check_batch, check_params, check_state_matches, check_state_type
-from curvplan.runtime._sharding import in_auto_mode, init_placed, on_mesh, shard_batch
+from curvplan.runtime._sharding import in_auto_mode, init_placed, on_mesh, param_shardings, shard_batch
 
 
 def _objective(loss_fn, model_fn, loss) -> Objective:
@@ -63,6 +63,7 @@ class Optimizer:
         self.mesh = mesh
         self.lowered: LoweredPlan = lower_plan(self.plan, _objective(loss_fn, model_fn, loss), mesh)
         self._state_shardings: Any = None  # set by init on a mesh; each step keeps the state on them
+        self._param_shardings: Any = None  # and the parameters on theirs
         self.trace_counts = [0] * len(self.plan.phases)
         self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.phase_fns)]
         self._scan = jax.jit(self._run_impl)
@@ -75,7 +76,7 @@ class Optimizer:
 
             def body(params, state, batch, rng):
                 updates, state, info = f(params, state, batch, rng, {})
-                return optax.apply_updates(params, updates), self._placed(state), info
+                return self._pinned(optax.apply_updates(params, updates)), self._placed(state), info
 
             return in_auto_mode(body, self.mesh, params, self._state_shardings)(params, state, batch, rng)
 
@@ -90,6 +91,9 @@ class Optimizer:
     def _placed(self, state):
         return state if self._state_shardings is None else constrain(state, self._state_shardings)
 
+    def _pinned(self, params):
+        return params if self._param_shardings is None else constrain(params, self._param_shardings)
+
     def init(self, params: Any, rng: jax.Array | None = None, batch: Any = None) -> PlanState:
         """The optimizer state for ``params``. An example ``batch`` lets modules with per-layer state (K-FAC) read
         the layers' layout off the model instead of assuming one (only shapes matter). On a mesh every entry
@@ -98,6 +102,7 @@ class Optimizer:
         if self.mesh is None:
             return self.lowered.init(params, rng, batch)
         self._state_shardings, state = init_placed(self.lowered, params, rng, batch, self.mesh)
+        self._param_shardings = param_shardings(params, self.mesh)
         return state
 
     def shard_batch(self, batch: Any, stacked: bool = False) -> Any:
@@ -132,7 +137,7 @@ class Optimizer:
         def body(carry, batch):
             params, state = carry
             updates, state, info = self.lowered.switch(params, state, batch, rng)
-            return (optax.apply_updates(params, updates), self._placed(state)), info
+            return (self._pinned(optax.apply_updates(params, updates)), self._placed(state)), info
 
         (params, state), infos = jax.lax.scan(body, (params, state), batches)
         return params, state, infos

@@ -1,9 +1,10 @@
 """Shardings of the optimizer state and of batches on a mesh, from the plan's placement.
 
-The state rule (`Plan.placement`): an entry shaped like a parameter takes that parameter's sharding (moments,
-accumulators, carried directions: FSDP / ZeRO style, sharded exactly as the weights are); any other entry of at
-least one axis (Kronecker factors, eigenbases, roots, per-block moments) is split over the plan's block axes
-on its first dimension they divide; scalars, and entries no such dimension fits, are replicated.
+The state rule (`Plan.placement`): an entry shaped like a sharded parameter takes that parameter's sharding
+(moments, accumulators, carried directions: FSDP / ZeRO-3 style, sharded exactly as the weights are); any other
+entry of at least one axis (Kronecker factors, eigenbases, roots, per-block moments, and the moments of
+replicated parameters: ZeRO-1 style) is split over the plan's block axes on its first dimension they divide;
+scalars, and entries no such dimension fits, are replicated.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from curvplan.planner import Placement
 
 
 def _param_specs(params: Any, mesh: Any) -> dict[tuple[int, ...], PartitionSpec]:
-    """Shape -> the sharding spec of the first parameter of that shape (replicated where not on ``mesh``)."""
+    """Shape -> the sharding spec of the first sharded parameter of that shape on ``mesh``."""
     out: dict[tuple[int, ...], PartitionSpec] = {}
     for p in jax.tree.leaves(params):
         s = getattr(p, "sharding", None)
-        spec = s.spec if isinstance(s, NamedSharding) and dict(s.mesh.shape) == dict(mesh.shape) else PartitionSpec()
-        out.setdefault(tuple(np.shape(p)), spec)
+        if isinstance(s, NamedSharding) and dict(s.mesh.shape) == dict(mesh.shape) and any(s.spec):
+            out.setdefault(tuple(np.shape(p)), s.spec)
     return out
 
 
@@ -49,6 +50,18 @@ def state_shardings(state_shapes: Any, params: Any, mesh: Any, placement: Placem
         return replicated
 
     return jax.tree.map(one, state_shapes)
+
+
+def param_shardings(params: Any, mesh: Any) -> Any:
+    """Each parameter's `NamedSharding` on ``mesh`` (replicated where it has none there): what a step's new
+    parameters are pinned to, so they never take another sharding from the state they were updated with."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(p):
+        s = getattr(p, "sharding", None)
+        return s if isinstance(s, NamedSharding) and dict(s.mesh.shape) == dict(mesh.shape) else replicated
+
+    return jax.tree.map(one, params)
 
 
 def batch_sharding(mesh: Any, placement: Placement, stacked: bool = False) -> NamedSharding:
