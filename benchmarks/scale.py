@@ -73,6 +73,7 @@ def presets() -> dict:
         "soap": (cp.presets.soap(learning_rate=1e-3, precondition_frequency=5), {"loss_fn": loss_fn}),
         "kfac": (cp.presets.kfac(learning_rate=1e-2, loss="mse", inverse_every=5), by_model),
         "muon": (cp.presets.muon(learning_rate=1e-2), {"loss_fn": loss_fn}),
+        "adaptive_schatten": (cp.presets.adaptive_schatten(learning_rate=1e-2, every=5), by_model),
     }
 
 
@@ -93,16 +94,49 @@ _LAPACK = re.compile(r'custom_call_target="(?:lapack_|cusolver_|hipsolver_)?([a-
 _RESULT = re.compile(r"=\s*\(?\s*[a-z]+[0-9]*\[([0-9,]*)\]")
 
 
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) ")
+_CALLEE = re.compile(r"(?:body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
 def factorized_blocks(hlo: str) -> dict[str, int]:
-    """Factorization target -> matrices factorized by this program (the batch sizes of its custom calls)."""
-    out: dict[str, int] = {}
+    """Factorization target -> matrices factorized by one run of this program: the batch sizes of its LAPACK
+    custom calls, times the trip count of every loop they sit in (a batched call may run as a loop of
+    single calls), each branch of a conditional counted."""
+    direct: dict[str, dict[str, int]] = {}
+    children: dict[str, list[tuple[str, int]]] = {}
+    entry, current = None, None
     for line in hlo.splitlines():
-        m = _LAPACK.search(line)
-        if not m or " custom-call(" not in line:
+        head = _COMPUTATION.match(line)
+        if head and line.rstrip().endswith("{"):
+            current = head.group(2)
+            direct[current], children[current] = {}, []
+            entry = current if head.group(1) else entry
             continue
-        dims = [int(d) for d in _RESULT.search(line).group(1).split(",") if d]
-        out[m.group(1)] = out.get(m.group(1), 0) + (math.prod(dims[:-2]) if len(dims) > 2 else 1)
-    return out
+        if current is None:
+            continue
+        m = _LAPACK.search(line)
+        if m and " custom-call(" in line:
+            dims = [int(d) for d in _RESULT.search(line).group(1).split(",") if d]
+            n = math.prod(dims[:-2]) if len(dims) > 2 else 1
+            direct[current][m.group(1)] = direct[current].get(m.group(1), 0) + n
+        trip = _TRIP.search(line)
+        for callee in _CALLEE.findall(line):
+            children[current].append((callee, int(trip.group(1)) if trip and " while(" in line else 1))
+        for group in _BRANCHES.findall(line):
+            children[current] += [(c.strip().lstrip("%"), 1) for c in group.split(",")]
+
+    def total(comp: str, seen: frozenset = frozenset()) -> dict[str, int]:
+        out = dict(direct.get(comp, {}))
+        for child, times in children.get(comp, []):
+            if child in seen or child not in direct:
+                continue
+            for k, v in total(child, seen | {comp}).items():
+                out[k] = out.get(k, 0) + times * v
+        return out
+
+    return total(entry) if entry is not None else {}
 
 
 def _costs(compiled) -> dict:

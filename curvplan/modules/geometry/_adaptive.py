@@ -91,7 +91,6 @@ def _spectrum(x: jax.Array, length: int, max_dim: int, key: jax.Array | None):
     if rows <= max_dim and cols <= max_dim or key is None:
         w, _, _ = _maps._gram_eigh(x)
         s = jnp.sqrt(w)[::-1]
-        weight = 1.0
     else:
         r, c = min(rows, max_dim), min(cols, max_dim)
         k1, k2 = jax.random.split(key)
@@ -101,9 +100,16 @@ def _spectrum(x: jax.Array, length: int, max_dim: int, key: jax.Array | None):
         w, _, _ = _maps._gram_eigh(sub)
         s = jnp.sqrt(w)[::-1] * math.sqrt(rows * cols / (r * c))
         s = s.at[0].set(_maps.power_sigma_max(x, iters=100))
-        weight = min(rows, cols) / min(r, c)
     s = s[:length]
-    return jnp.pad(s, (0, length - s.shape[0])), weight
+    return jnp.pad(s, (0, length - s.shape[0])), _sample_weight(x.shape, max_dim, key)
+
+
+def _sample_weight(shape: tuple[int, int], max_dim: int, key: jax.Array | None) -> float:
+    """The weight `_spectrum` gives each singular value of a matrix of ``shape`` (1 when exact)."""
+    rows, cols = shape
+    if rows <= max_dim and cols <= max_dim or key is None:
+        return 1.0
+    return min(rows, cols) / min(min(rows, max_dim), min(cols, max_dim))
 
 
 class CriterionState(NamedTuple):
@@ -134,6 +140,7 @@ class SchattenCriterion(Module):
     """
 
     kind: Literal["schatten_criterion"] = "schatten_criterion"
+    blockwise = True  # the spectra of the layers (eigh of their Grams)
     cadence: Cadence | None = Cadence(every=100)
     grid: tuple[float, ...] = DEFAULT_GRID
     include_inf: bool = True
@@ -181,14 +188,19 @@ class SchattenCriterion(Module):
         sg, sa, out = dict(state.sg), dict(state.sa), {}
         ok = jnp.array(True)
         keys = dict(zip(layers, jax.random.split(key, len(layers)))) if key is not None and layers else {}
-        for k, x in layers.items():
-            if k not in acts:
-                continue
-            lg, la = self._lengths(x)
+        covered, items, statics = [k for k in layers if k in acts], [], []
+        for k in covered:  # the spectra of every layer, handed to the block map (split over devices when placed)
+            lg, la = self._lengths(layers[k])
             kg, ka = jax.random.split(keys[k]) if k in keys else (None, None)
             dt = state.sg[k].dtype
-            s_g, wg = _spectrum(x.reshape(-1, x.shape[-1]).astype(dt), lg, self.max_dim, kg)
-            s_a, wa = _spectrum(jnp.asarray(acts[k], dt), la, self.max_dim, ka)
+            xg, xa = layers[k].reshape(-1, layers[k].shape[-1]).astype(dt), jnp.asarray(acts[k], dt)
+            kg, ka = (None if self._exact(y) else kk for y, kk in ((xg, kg), (xa, ka)))  # keys only to sample
+            items.append((xg, xa, kg, ka))
+            statics.append((lg, la))
+        spectra = ctx.blocks.map(lambda it, st: (_spectrum(it[0], st[0], self.max_dim, it[2])[0],
+                                                 _spectrum(it[1], st[1], self.max_dim, it[3])[0]), items, statics)
+        for k, (s_g, s_a), (xg, xa, kg, ka) in zip(covered, spectra, items):
+            wg, wa = (_sample_weight(y.shape, self.max_dim, kk) for y, kk in ((xg, kg), (xa, ka)))
             ok = ok & jnp.all(jnp.isfinite(s_g)) & jnp.all(jnp.isfinite(s_a))
             sg[k], sa[k] = optax.tree.update_moment((s_g, s_a), (state.sg[k], state.sa[k]), self.ema, 1)
             s_g_hat, s_a_hat = optax.tree.bias_correction((sg[k], sa[k]), self.ema, count)
@@ -198,6 +210,9 @@ class SchattenCriterion(Module):
         kept = CriterionState(state.sg, state.sa, state.count, state.failures + 1)
         new = optax.tree.where(ok, new, kept)
         return {"inv_p": inv}, new, self._info(inv, new.failures)
+
+    def _exact(self, x) -> bool:
+        return x.shape[0] <= self.max_dim and x.shape[1] <= self.max_dim
 
     def _info(self, inv, failures) -> dict:
         info = {"criterion_failures": failures}
