@@ -39,12 +39,13 @@ LAYERS, ROWS = 8, 256
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def init_params(width: int, seed: int = 0) -> dict:
+def init_params(width: int, seed: int = 0, dtype=jnp.float32) -> dict:
+    """``LAYERS`` tanh layers ``w{i}`` (``width x width``) with biases ``b{i}`` (the tests use it in float64)."""
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(LAYERS):
-        out[f"w{i}"] = jnp.asarray(rng.normal(size=(width, width)) / np.sqrt(width), jnp.float32)
-        out[f"b{i}"] = jnp.zeros((width,), jnp.float32)
+        out[f"w{i}"] = jnp.asarray(rng.normal(size=(width, width)) / np.sqrt(width), dtype)
+        out[f"b{i}"] = jnp.zeros((width,), dtype)
     return out
 
 

@@ -51,9 +51,12 @@ class Placement:
     @property
     def summary(self) -> str:
         """One line: the mesh, the batch axes and the block axes with the modules whose work they split."""
-        mesh = " ".join(f"{a}={n}" for a, n in self.mesh)
         blocks = f"; blocks over ({', '.join(self.block_axes)}): {', '.join(self.blockwise)}" if self.blockwise else ""
-        return f"mesh {mesh}; batch over ({', '.join(self.batch_axes)}){blocks}"
+        return f"mesh {self._mesh_text}; batch over ({', '.join(self.batch_axes)}){blocks}"
+
+    @property
+    def _mesh_text(self) -> str:
+        return " ".join(f"{a}={n}" for a, n in self.mesh)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mesh": [list(x) for x in self.mesh], "batch_axes": list(self.batch_axes)}
@@ -63,8 +66,7 @@ class Placement:
         def axes(a):
             return "(" + ", ".join(a) + ")" if a else "nowhere (one device)"
 
-        mesh = " ".join(f"{a}={n}" for a, n in self.mesh)
-        out = [f"placement: mesh {mesh} ({self.devices} device{'s' * (self.devices != 1)})"]
+        out = [f"placement: mesh {self._mesh_text} ({self.devices} device{'s' * (self.devices != 1)})"]
         if provided:
             out.append(f"  batch over {axes(self.batch_axes)}: {', '.join(provided)} (means over the global batch)")
         if self.blockwise:

@@ -130,10 +130,18 @@ class Plan:
     # -- text --------------------------------------------------------------------------------------------
     def __str__(self) -> str:
         if "text" not in self._cache:
-            self._cache["text"] = self._format()
+            self._cache["text"] = "\n".join([self._format(), *self._placement_lines()])
         return self._cache["text"]
 
+    def _placement_lines(self) -> list[str]:
+        if self.placement is None:
+            return []
+        provided = sorted({self.names[x] for ph in self.phases for op in ph.ops if op.role == "provider"
+                           for x in op.outputs})
+        return self.placement.lines(provided)
+
     def _format(self) -> str:
+        """The text without its placement section: what the plan computes, on any mesh."""
         n = len(self.phases)
         head = f"plan {self.name}{'' if self.optimize else ' (unplanned)'}: {n} phase{'s' if n != 1 else ''}"
         head += f", prefix {self.prefix}" if self.prefix else ""
@@ -145,10 +153,6 @@ class Plan:
             lines += format_phase(ph, self.names)
         state = list(self.state) + [f"slot {self.names[q]}" for q in self.slots]
         lines.append("state: " + ", ".join(state))
-        if self.placement is not None:
-            provided = sorted({self.names[x] for ph in self.phases for op in ph.ops if op.role == "provider"
-                               for x in op.outputs})
-            lines += self.placement.lines(provided)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -158,8 +162,7 @@ class Plan:
     def fingerprint(self) -> str:
         """A short hash of the canonical text without its placement section: equal for plans that compute the
         same thing (on any mesh), stored in checkpoints, so a state restores onto another mesh."""
-        text = str(self).split("\nplacement: ")[0]
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(self._format().encode()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
         # what the plan runs: its text and its running modules (removed modules do not count)

@@ -24,9 +24,8 @@ from curvplan.planner import Placement
 def _param_specs(params: Any, mesh: Any) -> dict[tuple[int, ...], PartitionSpec]:
     """Shape -> the sharding spec of the first sharded parameter of that shape on ``mesh``."""
     out: dict[tuple[int, ...], PartitionSpec] = {}
-    for p in jax.tree.leaves(params):
-        s = getattr(p, "sharding", None)
-        if isinstance(s, NamedSharding) and dict(s.mesh.shape) == dict(mesh.shape) and any(s.spec):
+    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings(params, mesh))):
+        if any(s.spec):
             out.setdefault(tuple(np.shape(p)), s.spec)
     return out
 

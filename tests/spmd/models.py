@@ -1,4 +1,5 @@
-"""A small model with 8 same-shape weight matrices (and biases), its data, and the presets of every family."""
+"""The scale suite's model (8 same-shape weight matrices and biases) at width 32 in float64, its data, and the
+presets of every family."""
 
 from __future__ import annotations
 
@@ -6,28 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import curvplan as cp
+from benchmarks import scale
+from benchmarks.scale import loss_fn, model_fn  # noqa: F401  (re-exported: the scale suite's model)
 
-LAYERS, WIDTH, BATCH = 8, 32, 64
+WIDTH, BATCH = 32, 64
 
 
 def params(seed: int = 0, width: int = WIDTH) -> dict:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in range(LAYERS):
-        out[f"w{i}"] = jnp.asarray(rng.normal(size=(width, width)) / np.sqrt(width), jnp.float64)
-        out[f"b{i}"] = jnp.zeros((width,), jnp.float64)
-    return out
-
-
-def model_fn(p, x):
-    for i in range(LAYERS):
-        x = jnp.tanh(x @ p[f"w{i}"] + p[f"b{i}"])
-    return x
-
-
-def loss_fn(p, batch):
-    x, y = batch
-    return 0.5 * jnp.mean(jnp.sum((model_fn(p, x) - y) ** 2, axis=-1))
+    return scale.init_params(width, seed, jnp.float64)
 
 
 def batches(steps: int, seed: int = 1, width: int = WIDTH, batch: int = BATCH) -> list:
