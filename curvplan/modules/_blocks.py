@@ -125,3 +125,54 @@ class BlockMap:
 
 LOCAL = BlockMap()
 """Block work on every device (one device, or a plan without placement)."""
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class BlockStore:
+    """Per-block state (key -> tuple of arrays) kept as one stack per shape and dtype.
+
+    Blocks of the same shape (the Kronecker factors of equal layers, their inverses) live in one array with a
+    leading block axis. The state rule (`Plan.placement`) then splits that axis over the devices, as it does
+    any state entry's first dimension they divide: per-block arrays of an odd side (a factor with a
+    homogeneous coordinate, ``d + 1``) could not be split on their own.
+
+    >>> import jax.numpy as jnp
+    >>> s = BlockStore.of({"a": (jnp.eye(3), jnp.ones(2)), "b": (2 * jnp.eye(3), jnp.zeros(2))})
+    >>> sorted((k, v.shape) for k, v in s.stacks.items())
+    [('float32[2]', (2, 2)), ('float32[3x3]', (2, 3, 3))]
+    >>> float(s.blocks()["b"][0][1, 1])
+    2.0
+    """
+
+    def __init__(self, stacks: dict[str, Any], index: tuple):
+        self.stacks = stacks
+        self.index = index  # ((key, ((stack name, row), ...)), ...): where each block's arrays live
+
+    @classmethod
+    def of(cls, blocks: dict[str, tuple]) -> BlockStore:
+        """The store of ``blocks`` (key -> tuple of arrays), stacked by shape and dtype in key order."""
+        members: dict[str, list] = {}
+        index = []
+        for key in sorted(blocks):
+            where = []
+            for x in blocks[key]:
+                name = f"{jnp.dtype(x.dtype).name}[{'x'.join(map(str, x.shape))}]"
+                members.setdefault(name, []).append(x)
+                where.append((name, len(members[name]) - 1))
+            index.append((key, tuple(where)))
+        return cls({n: jnp.stack(xs) for n, xs in members.items()}, tuple(index))
+
+    def blocks(self) -> dict[str, tuple]:
+        """key -> the block's tuple of arrays (rows of the stacks)."""
+        return {key: tuple(self.stacks[n][i] for n, i in where) for key, where in self.index}
+
+    def tree_flatten_with_keys(self):
+        names = tuple(sorted(self.stacks))
+        return [(jax.tree_util.DictKey(n), self.stacks[n]) for n in names], (names, self.index)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(dict(zip(aux[0], children)), aux[1])
+
+    def __repr__(self) -> str:
+        return f"BlockStore({len(self.index)} blocks in {len(self.stacks)} stacks)"

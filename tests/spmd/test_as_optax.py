@@ -56,6 +56,8 @@ def test_as_optax_on_eight_devices_equals_one(name, axis_type):
     for k in want:
         err = np.linalg.norm(np.asarray(got[k]) - np.asarray(want[k])) / np.linalg.norm(np.asarray(want[k]))
         assert err <= 1e-6, f"{name}: {k} differs by {err:.2e}"
-    # the state stays on the plan's shardings: parameter-shaped entries as the parameters, square blocks split
-    square = [x for x in jax.tree.leaves(state.plan_state) if x.shape == (models.WIDTH, models.WIDTH)]
-    assert square and all(x.sharding.spec[:1] == ("data",) for x in square)
+    # the state stays on the plan's shardings: parameter-shaped entries as the parameters, square blocks (one
+    # per layer, or K-FAC's stacks of them, A's side with the bias slot included) split over the data axis
+    square = [x for x in jax.tree.leaves(state.plan_state)
+              if x.ndim >= 2 and x.shape[-1] == x.shape[-2] and x.shape[-1] in (models.WIDTH, models.WIDTH + 1)]
+    assert square and all("data" in x.sharding.spec for x in square)

@@ -40,7 +40,7 @@ def test_each_device_factorizes_an_eighth_of_the_blocks(name, measured):
     assert share * 8 == whole
 
 
-@pytest.mark.parametrize("name", ["shampoo", "soap", "muon"])
+@pytest.mark.parametrize("name", ["shampoo", "soap", "kfac", "muon", "adaptive_schatten"])
 def test_state_per_device_is_an_eighth_beyond_scalars(name, measured):
     one, eight = measured(name, 1), measured(name, 8)
     assert eight["state_bytes"] - eight["scalar_bytes"] <= (one["state_bytes"] - one["scalar_bytes"]) / 8

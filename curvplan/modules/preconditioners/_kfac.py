@@ -44,6 +44,7 @@ from curvplan.ir import quantities as q
 from curvplan.ir._errors import LoweringError
 from curvplan.modules import _linalg
 from curvplan.modules._base import Module
+from curvplan.modules._blocks import BlockStore
 from curvplan.modules._linalg import HIGHEST as _HI
 
 
@@ -191,9 +192,9 @@ def _check_stacked(params, stacked: tuple[str, ...], module: str) -> None:
 
 
 class KFACFactorsState(NamedTuple):
-    """``sums``: key -> (Σ ema^i A_i of side d_in+1, Σ ema^i Γ_i); ``weight``: Σ ema^i."""
+    """``sums``: key -> (Σ ema^i A_i of side d_in+1, Σ ema^i Γ_i), stacked by shape; ``weight``: Σ ema^i."""
 
-    sums: dict[str, tuple[jax.Array, jax.Array]]
+    sums: BlockStore
     weight: jax.Array
 
 
@@ -226,22 +227,23 @@ class KFACFactors(Module):
         dt = jnp.result_type(float)
         sums = {k: (jnp.zeros(_lead(s) + (i + 1, i + 1), dt), jnp.zeros(_lead(s) + (o, o), dt))
                 for k, (s, i, o) in _allocation(params, ctx, self.out_axis, self.stacked).items()}
-        return KFACFactorsState(sums, jnp.zeros((), dt))
+        return KFACFactorsState(BlockStore.of(sums), jnp.zeros((), dt))
 
     def apply(self, inputs, state: KFACFactorsState, ctx):
         acts, cots = inputs["acts"], inputs["cots"]  # `LayerArrays`: key -> array, with the layer report (.report)
-        layers = _covered(_report(acts, ctx.module), _allocated(state.sums))
-        sums, out = dict(state.sums), {}
+        old = state.sums.blocks()
+        layers = _covered(_report(acts, ctx.module), _allocated(old))
+        sums, out = dict(old), {}
         weight = self.ema * state.weight + 1.0
         for key, layer in layers.items():
             terms = getattr(cots, "terms", None) or acts[key].shape[-2]
             A, G = _per_slice(lambda a, d: _layer_factors(a, d, terms), layer.stack)(
                 acts[key].astype(weight.dtype), cots[key].astype(weight.dtype))
-            sA, sG = state.sums[key]
+            sA, sG = old[key]
             sums[key] = (self.ema * sA + A, self.ema * sG + G)
             A_avg, G_avg = sums[key][0] / weight, sums[key][1] / weight
             out[key] = (A_avg if layer.bias else A_avg[..., :-1, :-1], G_avg)
-        return {"factors": _Factors(out, acts.report)}, KFACFactorsState(sums, weight)
+        return {"factors": _Factors(out, acts.report)}, KFACFactorsState(BlockStore.of(sums), weight)
 
 
 def _layer_factors(a: jax.Array, d: jax.Array, terms: int) -> tuple[jax.Array, jax.Array]:
@@ -323,11 +325,11 @@ class KFACInverse(Module):
                              jnp.zeros(_lead(s) + (o,), dt))
             else:
                 layers[k] = (_stack_eye(i + 1, s, dt), _stack_eye(o, s, dt))
-        return {"count": jnp.zeros((), jnp.int32), "layers": layers}
+        return {"count": jnp.zeros((), jnp.int32), "layers": BlockStore.of(layers)}
 
     def apply(self, inputs, state: KFACInverseState, ctx):
         factors, prev = inputs["factors"], inputs["basis"]
-        layers, finite = dict(prev["layers"]), jnp.array(True)
+        layers, finite = dict(prev["layers"].blocks()), jnp.array(True)
         split = ctx.blocks.shares > 1  # stacked layers are cut into slices only when devices share them
         items, statics = [], []
         for key, (A, G) in factors.items():
@@ -341,7 +343,7 @@ class KFACInverse(Module):
             entry = _unslice([next(done) for _ in _slices((A, G), split and A.ndim == 3)], A.ndim == 3 and split)
             layers[key] = entry
             finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in entry]))
-        new = {"count": prev["count"] + 1, "layers": layers}
+        new = {"count": prev["count"] + 1, "layers": BlockStore.of(layers)}
         out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, prev)
         failures = state.failures + (~finite).astype(jnp.int32)
         return {"basis": out}, KFACInverseState(failures), {"kfac_inverse_failures": failures}
@@ -420,7 +422,8 @@ class KFACDirection(Module):
         g, basis = inputs["grad"], inputs["basis"]
         gamma = inputs["lam"] if self.adaptive else self.damping
         report = _report(inputs["acts"], ctx.module)
-        blocks = _allocated({k: (e[0], e[2] if len(e) == 4 else e[1]) for k, e in basis["layers"].items()})
+        entries = basis["layers"].blocks()
+        blocks = _allocated({k: (e[0], e[2] if len(e) == 4 else e[1]) for k, e in entries.items()})
         layers = _covered(report, blocks)
         matrices = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(g)[0] if x.ndim >= 2}
         _warn_uncovered(report, blocks, layers, matrices, self.out_axis, ctx.module)
@@ -437,7 +440,7 @@ class KFACDirection(Module):
         split = ctx.blocks.shares > 1
         items, statics, keys = [], [], []
         for key, layer in layers.items():
-            entry = basis["layers"][key]
+            entry = entries[key]
             dt = entry[0].dtype
             grad_m = layer.to_matrix(flat_g[key]).astype(dt)
             n = layer.d_in
