@@ -150,6 +150,9 @@ class ModuleSpec(BaseModel):
     info_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
     """Telemetry ``(key, dtype)`` pairs (dtype ``float`` / ``int`` / ``bool``): the keys ``apply`` may return
     in its info mapping, and the schema of `StepInfo`."""
+    nonfinite_outputs: ClassVar[tuple[str, ...]] = ()
+    """Carried outputs whose NaN is a value, not a fault (a gain ratio no valid model gave): the step guard,
+    which does not apply a step whose new state is not finite, leaves them out."""
     blockwise: ClassVar[bool] = False
     """True when the module does the same matrix work for many blocks (factorizations, roots, rotations,
     Newton-Schulz) through ``ctx.blocks``: on a mesh the plan spreads that work over the devices."""

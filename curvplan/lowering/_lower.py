@@ -145,13 +145,29 @@ def _step_is_finite(updates, env) -> jax.Array:
     return jnp.all(jnp.stack(checks))
 
 
-def _skip_keeps(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-    """On a skipped step the floating state (statistics, moments, bases) is kept, while counters move on: the
-    step count, a schedule's count and failure counts advance, so a fault tied to one step (a schedule that
-    returns Inf once) does not repeat forever, and the telemetry of the skipped step matches the state."""
-    if jnp.issubdtype(new.dtype, jnp.inexact):
-        return jnp.where(finite, new, old)
-    return new
+def _floating(tree: Any) -> list[jax.Array]:
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def _kept(finite: jax.Array, new: Any, old: Any, initial: Callable[[], Any]) -> Any:
+    """The state after a step: ``new`` when the step is applied. On a skipped step the floating state
+    (statistics, moments, bases) is the previous one, while counters move on: the step count, a schedule's
+    count and failure counts advance, so a fault tied to one step (a schedule that returns Inf once) does not
+    repeat forever, and the telemetry of the skipped step matches the state. A previous entry that is itself
+    not finite (poisoned before this step: a restored checkpoint, a fault in another program) is started
+    afresh from ``initial()``, so the next step can succeed; only a skipped step computes it."""
+
+    def skipped():
+        fresh = initial()
+
+        def one(n, o, f):
+            if not jnp.issubdtype(n.dtype, jnp.inexact):
+                return n
+            return jnp.where(jnp.all(jnp.isfinite(o)), o, f)
+
+        return jax.tree.map(one, new, old, fresh)
+
+    return jax.lax.cond(finite, lambda: new, skipped)
 
 
 def _module_rng(rng: jax.Array | None, label: str, step: jax.Array) -> jax.Array | None:
@@ -250,6 +266,27 @@ class LoweredPlan:
     def init(self, params: Any, rng: jax.Array | None = None, batch: Any = None) -> PlanState:
         """The state for ``params``. Given an example ``batch`` (shapes are what matter), modules that lay out
         per-layer state (K-FAC) read the model's layers off the traced loss instead of assuming a weight layout."""
+        mods, slots = self._initial(params, rng, batch)
+        return PlanState(jnp.zeros((), jnp.int32), mods, slots, jnp.zeros((), jnp.int32))
+
+    def _output_name(self, op: Op, quantity: Quantity) -> str:
+        m = self.modules[op.name]
+        return dict(zip(m.outputs(), m.output_names()))[quantity]
+
+    def _initial_like(self, old: Any, params: Any, rng: jax.Array | None, batch: Any) -> Any:
+        """The initial (modules, slots) laid out as ``old`` is: built without the batch or with it (K-FAC's
+        layout follows whether ``init`` saw one); ``old`` itself when neither matches."""
+        def layout(tree):
+            return jax.tree.structure(tree), [jnp.shape(x) for x in jax.tree.leaves(tree)]
+
+        for b in (None, batch) if batch is not None else (None,):
+            fresh = self._initial(params, rng, b)
+            if layout(fresh) == layout(old):
+                return _like(fresh, old)
+        return old
+
+    def _initial(self, params: Any, rng: jax.Array | None, batch: Any) -> tuple[dict, dict]:
+        """Every module's initial state and every slot's initial value (by slot name)."""
         step = jnp.zeros((), jnp.int32)
         mods, slots = {}, {}
         layers = None
@@ -270,8 +307,8 @@ class LoweredPlan:
                 raise LoweringError(f"carried {qv.name} has no module that writes it", where=f"slot {qv.name}")
             m = self.modules[op.name]
             ctx = dataclasses.replace(self._ctx(op.name, step, rng, params, None), layers=layers)
-            slots[self.plan.names[qv]] = m.init_carried(dict(zip(m.outputs(), m.output_names()))[qv], params, ctx)
-        return PlanState(step, _widen(mods), _widen(slots), jnp.zeros((), jnp.int32))
+            slots[self.plan.names[qv]] = m.init_carried(self._output_name(op, qv), params, ctx)
+        return _widen(mods), _widen(slots)
 
     def _ctx(self, label, step, rng, params, batch) -> Context:
         return Context(step, _module_rng(rng, label, step), params, batch, self.objective, label,
@@ -302,6 +339,11 @@ class LoweredPlan:
     # -- one phase --------------------------------------------------------------------------------------
     def _phase_fn(self, phase: Phase) -> Callable:
         plan = self.plan
+
+        # the state this phase writes, checked after it: a step whose new state is not finite is not applied
+        ran = [op.name for op in phase.ops if op.role != "provider"]
+        checked = [plan.names[w] for op in phase.ops if op.role != "provider" for w in op.writes
+                   if self._output_name(op, w) not in self.modules[op.name].nonfinite_outputs]
 
         def run_phase(params, state: PlanState, batch, rng, given: dict[Quantity, Any]):
             env: dict[Quantity, Any] = dict(given)
@@ -334,9 +376,10 @@ class LoweredPlan:
                 for w in op.writes:
                     slots[plan.names[w]] = _like(outs[w], state.slots[plan.names[w]])
             updates = env[self.update_q]
-            finite = _step_is_finite(updates, env)
-            mods, slots = jax.tree.map(lambda a, b: _skip_keeps(finite, a, b), (mods, slots),
-                                       (state.modules, state.slots))
+            written = [mods[n] for n in ran] + [slots[n] for n in checked]
+            finite = _step_is_finite(updates, env) & tree_all_finite(_floating(written))
+            mods, slots = _kept(finite, (mods, slots), (state.modules, state.slots),
+                                lambda: self._initial_like((state.modules, state.slots), params, rng, batch))
             new = PlanState(state.step + 1, mods, slots, state.skipped + (~finite).astype(state.skipped.dtype))
             updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
             info = self._info(env, infos, updates, finite, new.skipped, phase.index)

@@ -23,6 +23,7 @@ from curvplan.modules._base import Inputs
 from curvplan.modules.geometry import (
     SchattenCriterion,
     SchattenDirection,
+    _maps,
     best_inv_p,
     leaf_keys,
     log_criterion,
@@ -357,3 +358,48 @@ def test_plan_with_another_activation_consumer_shares_one_layer_io():
         state: step, schatten_criterion.sg, schatten_criterion.sa, schatten_criterion.count, schatten_criterion.failures, schatten_direction.count, schatten_direction.m, schatten_direction.v, schatten_direction.adam_m, update_tail.opt_state, slot %schatten_inv_p
     """,
     )
+
+
+# -- configuration bounds ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.5, -2.0])
+def test_fixed_p_below_one_is_refused_at_construction(p):
+    """Schatten-p needs p ∈ [1, ∞]: p = 0 used to raise a bare ZeroDivisionError at the first step."""
+    with pytest.raises(cp.ConfigError, match=r"fixed_p=.* is outside \[1, ∞\]") as e:
+        SchattenDirection(fixed_p=p)
+    assert "p ≥ 1" in e.value.fix
+    for ok in (1.0, 2.5, "inf"):
+        SchattenDirection(fixed_p=ok)
+
+
+def test_criterion_grid_below_one_is_refused_at_construction():
+    with pytest.raises(cp.ConfigError, match=r"outside \[1, ∞\]: \[0.5\]"):
+        SchattenCriterion(grid=(0.5, 2.0))
+    with pytest.raises(cp.ConfigError, match="no candidate p"):
+        SchattenCriterion(grid=(), include_inf=False)
+
+
+@pytest.mark.parametrize("cls", ["SchattenDirection", "MuonDirection", "LMODirection"])
+def test_newton_schulz_steps_are_bounded_at_construction(cls):
+    """ns_steps = 10⁹ used to build a (10⁹, 3) coefficient table (about 22 GiB); 100 is the most allowed."""
+    mod = getattr(cp.modules.geometry, cls)
+    with pytest.raises(cp.ConfigError, match="ns_steps") as e:
+        mod(ns_steps=10**9)
+    assert "less than or equal to 100" in str(e.value)
+    assert mod(ns_steps=100).ns_steps == 100
+
+
+def test_refitted_map_with_fewer_than_five_steps_is_refused_for_fractional_p():
+    """Below five steps the per-step exponent p^(-1/steps) of p = ∞ (run as 1024) is under 0.19 and the fitted
+    quintic leaves [0, 1]: three steps send the singular values of a Gaussian 64×32 matrix to several times 1
+    (numpy's SVD measures them), five keep them below 1, so `SchattenDirection` refuses such a Newton-Schulz
+    path."""
+    m = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)), jnp.float32)
+    sigma = {k: np.linalg.svd(np.asarray(_maps.schatten_ns(m, jnp.inf, steps=k), np.float64), compute_uv=False)[0]
+             for k in (3, 5)}
+    assert sigma[3] > 2.0 and sigma[5] <= 1.0 + 1e-3, sigma
+    with pytest.raises(cp.ConfigError, match="ns_steps=3"):
+        SchattenDirection(method="newton_schulz", ns_steps=3)
+    with pytest.raises(cp.ConfigError, match="ns_steps=4"):
+        SchattenDirection(method="auto", fixed_p=4.0, ns_steps=4)
+    assert SchattenDirection(method="exact", ns_steps=3).ns_steps == 3
+    assert SchattenDirection(method="newton_schulz", fixed_p="inf", ns_steps=3).ns_steps == 3  # Muon's map

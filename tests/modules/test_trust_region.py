@@ -11,6 +11,7 @@ import pytest
 
 import curvplan as cp
 from benchmarks.workloads import get_workload
+from curvplan.examples.digits import batches, evaluate, init_mlp, load_digits, mlp
 from curvplan.modules import CG, ConstantDamping, GainRatio, Hessian, TrustRegionDamping, UpdateTail
 from curvplan.modules._base import Inputs
 
@@ -53,7 +54,7 @@ def test_gain_ratio_matches_closed_form_on_a_quadratic(x64, lam, include_lambda)
 
 def _lambda_rule(lam, rho, low=0.25, high=0.75, inc=1.5, dec=0.5, lo=1e-12, hi=1e6):
     """docs/math.md §4, written out in plain Python."""
-    if not np.isfinite(rho):
+    if np.isnan(rho):
         return lam
     r = min(max(rho, -5.0), 5.0)
     if r < low:
@@ -69,12 +70,50 @@ def test_trust_region_lambda_follows_the_rule():
     ctx = cp.modules.Context(step=jnp.zeros((), jnp.int32), rng=None, params=None, batch=None, objective=None,
                              module="tr")
     lam = 1.0
-    for rho in [0.1, 0.9, 0.5, np.nan, -100.0, 10.0, 0.75, 0.25, 0.2] + [0.0] * 80:
+    for rho in [0.1, 0.9, 0.5, np.nan, -100.0, -np.inf, 10.0, 0.75, 0.25, 0.2] + [0.0] * 80:
         out, state, info = mod.apply(Inputs({"rho": jnp.asarray(rho, jnp.float32)}, "tr"), state, ctx)
         lam = _lambda_rule(lam, rho)
         np.testing.assert_allclose(float(out["lam"]), lam, rtol=1e-5)
         assert float(info["lambda_next"]) == float(out["lam"]) == float(state.lam)
     assert lam == 1e6  # eighty increases hit the clamp
+
+
+@pytest.mark.parametrize("lr", [3.0, 0.0])
+def test_a_model_predicting_an_increase_raises_lambda(x64, lr):
+    """L = ½θᵀAθ − bᵀθ, C = A, λ₀ = 1, δ = −lr (A + I)⁻¹g, the λ term left out of the model (as in K-FAC's
+    adaptive preset). With lr = 3 the step overshoots: numpy's pred = −(gᵀδ + ½δᵀAδ) is negative, so the
+    model is not to be trusted and λ must rise to 1.5·λ₀ = 1.5 (before the fix ρ was NaN and λ stayed 1).
+    A zero step (lr = 0) tells nothing about the model: ρ is NaN and λ stays 1."""
+    a, b = _quadratic()
+    loss = lambda w, batch: 0.5 * w @ (jnp.asarray(a) @ w) - jnp.asarray(b) @ w  # noqa: E731
+    mods = [Hessian(), TrustRegionDamping(lam0=1.0), GainRatio(include_lambda=False),
+            CG(tol=1e-12, maxiter=50, warm_start=False), UpdateTail(learning_rate=lr)]
+    opt = cp.Optimizer(mods, loss_fn=loss)
+    w0 = np.linspace(-1.0, 1.0, 6)
+    w1, state, info = opt.step(jnp.asarray(w0), opt.init(jnp.asarray(w0)), None)
+    g = a @ w0 - b
+    delta = -lr * np.linalg.solve(a + np.eye(6), g)
+    pred = -(g @ delta + 0.5 * delta @ a @ delta)
+    np.testing.assert_allclose(float(info.pred_decrease), pred, rtol=5e-7, atol=1e-12)
+    assert not bool(info.skipped)
+    if lr:
+        assert pred < 0
+        assert float(info.rho) == -np.inf
+        assert float(info.lambda_next) == min(max(1.0 * 1.5, 1e-12), 1e6)
+    else:
+        assert pred == 0.0 and np.isnan(float(info.rho))
+        assert float(info.lambda_next) == 1.0
+
+
+def test_predicted_increase_raises_lambda_up_to_the_clamp():
+    """ρ = −∞ (a predicted increase) multiplies λ by ``increase`` and clamps it: 0.8·2 → 1.6, then 1.6·2 → 2."""
+    mod = TrustRegionDamping(lam0=0.8, increase=2.0, lam_max=2.0)
+    state = mod.init(None, None)
+    ctx = cp.modules.Context(step=jnp.zeros((), jnp.int32), rng=None, params=None, batch=None, objective=None,
+                             module="tr")
+    for want in (1.6, 2.0):
+        out, state, _ = mod.apply(Inputs({"rho": jnp.asarray(-jnp.inf, jnp.float32)}, "tr"), state, ctx)
+        np.testing.assert_allclose(float(out["lam"]), want, rtol=1e-6)
 
 
 def test_trust_region_config_errors():
@@ -115,7 +154,8 @@ def test_levenberg_marquardt_needs_10x_fewer_steps_than_adamw_on_friedman1():
     w = get_workload("w4-full")
     batch = next(w.batches())
     params0 = w.init(jax.random.key(0))
-    opt = cp.Optimizer(cp.presets.levenberg_marquardt(), **w.optimizer_kwargs())
+    # full batch: deterministic, so λ may go as low as the gain ratio allows (the minibatch floor is λ0 / 10)
+    opt = cp.Optimizer(cp.presets.levenberg_marquardt(lam_min=1e-12), **w.optimizer_kwargs())
     p, state = params0, opt.init(params0)
     for _ in range(20):
         p, state, info = opt.step(p, state, batch)
@@ -137,3 +177,19 @@ def test_levenberg_marquardt_needs_10x_fewer_steps_than_adamw_on_friedman1():
 
     for lr in (1e-3, 3e-3, 1e-2):
         assert adamw_steps_to(lm_loss, lr) is None, f"AdamW lr={lr} reached LM's 20-step loss {lm_loss:.2e}"
+
+
+@pytest.mark.parametrize("preset", ["levenberg_marquardt", "hessian_free"])
+def test_minibatch_presets_train_the_digits_mlp_at_their_default_damping_floor(preset):
+    """On minibatches ρ is measured on the batch the step was fitted to, so it keeps approving a smaller λ until
+    one step overshoots the next batch: with a floor of 1e-12 both presets diverge on the digits MLP (test loss
+    ~1e3 after 60 steps); the presets' floor (λ0 / 10) keeps them training."""
+    (xtr, ytr), (xte, yte) = load_digits()
+    p = init_mlp(jax.random.key(0))
+    start = float(evaluate(p, xte, yte)[0])
+    opt = cp.Optimizer(getattr(cp.presets, preset)(loss="ce"), model_fn=mlp, loss="ce")
+    s = opt.init(p)
+    for t, b in enumerate(batches(xtr, ytr, 256, 60, 1)):
+        p, s, info = opt.step(p, s, b, jax.random.key(t))
+    assert int(s.skipped) == 0
+    assert float(evaluate(p, xte, yte)[0]) < 0.1 * start

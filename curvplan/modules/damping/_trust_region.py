@@ -19,7 +19,9 @@ class GainRatio(Module):
 
     With δ the **final applied** update (after learning rate, momentum, clipping, weight decay):
     act = L(θ) − L(θ + δ) on the same batch (one extra forward), pred = −(gᵀδ + ½(δᵀCδ + λ‖δ‖²)) (one
-    curvature-vector product at θ). ρ = act / pred when both are finite and pred > 1e-16, else NaN.
+    curvature-vector product at θ). ρ = act / pred when both are finite and pred > 1e-16; ρ = −∞ when both
+    are finite, δ ≠ 0 and pred ≤ 0 (the model predicts an increase, so it is not to be trusted); else NaN
+    (a failed evaluation, a zero step, or 0 < pred ≤ 1e-16, too small to divide by).
     Produces ``%rho``; reports ``loss_after``, ``pred_decrease``, ``act_decrease``, ``rho``. Give it a
     cadence (``every=k``) to pay for it on every k-th step only.
 
@@ -32,6 +34,7 @@ class GainRatio(Module):
     include_lambda: bool = True
     """Include ½λ‖δ‖² in the predicted decrease (Somax); kfac-jax leaves it out."""
     sink = True  # its telemetry is wanted even when no damping module reads %rho
+    nonfinite_outputs = ("rho",)  # NaN: no valid ratio this time
     info_fields = (("loss_after", "float"), ("pred_decrease", "float"), ("act_decrease", "float"),
                    ("rho", "float"))
 
@@ -55,8 +58,10 @@ class GainRatio(Module):
             quad = quad + lam * vdot(delta, delta)
         pred = -(vdot(g, delta) + 0.5 * quad)
         act = inputs.loss - loss_after
-        valid = jnp.isfinite(act) & jnp.isfinite(pred) & (pred > 1e-16)
-        rho = jnp.where(valid, act / jnp.where(valid, pred, 1.0), jnp.nan)
+        finite = jnp.isfinite(act) & jnp.isfinite(pred)
+        valid = finite & (pred > 1e-16)
+        uphill = finite & (pred <= 0) & (vdot(delta, delta) > 0)  # the model predicts an increase
+        rho = jnp.where(valid, act / jnp.where(valid, pred, 1.0), jnp.where(uphill, -jnp.inf, jnp.nan))
         info = {"loss_after": loss_after, "pred_decrease": pred, "act_decrease": act, "rho": rho}
         return {"rho": rho}, state, info
 
@@ -71,8 +76,9 @@ class TrustRegionState(NamedTuple):
 class TrustRegionDamping(Module):
     """Levenberg-Marquardt damping driven by the gain ratio ``%rho`` (docs/math.md §4).
 
-    When ρ is valid (finite): clip it to [−5, 5]; ρ < ``low`` → λ ×= ``increase``; ρ > ``high`` → λ ×=
-    ``decrease``; clamp λ to [``lam_min``, ``lam_max``]. An invalid ρ leaves λ unchanged. Runs after
+    When ρ is not NaN: clip it to [−5, 5]; ρ < ``low`` → λ ×= ``increase``; ρ > ``high`` → λ ×=
+    ``decrease``; clamp λ to [``lam_min``, ``lam_max``]. A NaN ρ (a failed evaluation) leaves λ unchanged;
+    ρ = −∞ (`GainRatio`'s mark of a predicted increase) raises it. Runs after
     `GainRatio` on the same steps (give both the same cadence); the new λ is read (carried) by the solver
     from the next step on, and steps are never rejected. Produces ``%lambda``.
 
@@ -117,7 +123,7 @@ class TrustRegionDamping(Module):
 
     def apply(self, inputs, state: TrustRegionState, ctx):
         rho = inputs.rho
-        valid = jnp.isfinite(rho)
+        valid = ~jnp.isnan(rho)  # −∞: the model predicted an increase → clipped to −5 → λ rises
         r = jnp.clip(jnp.where(valid, rho, 0.5 * (self.low + self.high)), -5.0, 5.0)
         factor = jnp.where(r < self.low, self.increase, jnp.where(r > self.high, self.decrease, 1.0))
         lam = jnp.where(valid, jnp.clip(state.lam * factor, self.lam_min, self.lam_max), state.lam)

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
 from curvplan.ir._cadence import Cadence
+from curvplan.ir._errors import ConfigError
 from curvplan.modules._base import Module
 from curvplan.modules.geometry import _maps
 from curvplan.modules.geometry._lmo import leaf_keys
@@ -150,6 +151,17 @@ class SchattenCriterion(Module):
     """p before the first refresh (≥ 1e30 means ∞)."""
     report_layers: tuple[str, ...] = ()
 
+    @model_validator(mode="after")
+    def _check_grid(self):
+        bad = [p for p in self.grid if not p >= 1.0]  # NaN fails too
+        if bad:
+            raise ConfigError(f"grid={self.grid} has values outside [1, ∞]: {bad}",
+                              fix="Schatten-p needs p ≥ 1: give grid values ≥ 1 (p = ∞ comes from include_inf)")
+        if not self.grid and not self.include_inf:
+            raise ConfigError("no candidate p: grid is empty and include_inf=False",
+                              fix="give grid values ≥ 1 or include_inf=True")
+        return self
+
     @property
     def info_fields(self):  # type: ignore[override]
         base = (("p_min", "float"), ("p_max", "float"), ("p_mean", "float"), ("criterion_failures", "int"))
@@ -204,6 +216,7 @@ class SchattenCriterion(Module):
             ok = ok & jnp.all(jnp.isfinite(s_g)) & jnp.all(jnp.isfinite(s_a))
             sg[k], sa[k] = optax.tree.update_moment((s_g, s_a), (state.sg[k], state.sa[k]), self.ema, 1)
             s_g_hat, s_a_hat = optax.tree.bias_correction((sg[k], sa[k]), self.ema, count)
+            ok = ok & jnp.all(jnp.isfinite(s_g_hat)) & jnp.all(jnp.isfinite(s_a_hat))  # a poisoned EMA fails too
             out[k] = best_inv_p(s_g_hat, s_a_hat, inv_ps, wg, wa).astype(jnp.float32)
         inv = {k: jnp.where(ok, out[k], prev[k]) if k in out else prev[k] for k in layers}
         new = CriterionState(sg, sa, count, state.failures)
@@ -266,11 +279,24 @@ class SchattenDirection(Module):
     fixed_p: float | Literal["inf"] | None = None
     method: Literal["exact", "newton_schulz", "auto"] = "exact"
     ns: Literal["standard", "polar_express"] = "standard"
-    ns_steps: int = Field(5, ge=1)
+    ns_steps: int = Field(5, ge=1, le=100)
     exact_max_dim: int = Field(1024, ge=1)
     vectors: Literal["same", "adam"] = "same"
     adam_b1: float = Field(0.9, ge=0.0, lt=1.0)
     shape_scale: bool = True
+
+    @model_validator(mode="after")
+    def _check_p(self):
+        p = self.fixed_p
+        if p is not None and p != "inf" and not p >= 1.0:  # NaN fails too
+            raise ConfigError(f"fixed_p={p} is outside [1, ∞]",
+                              fix='Schatten-p needs p ≥ 1: give fixed_p ≥ 1, "inf" (Muon), or None (the criterion)')
+        fractional = p is None or (p != "inf" and p > 1.0)
+        if self.method != "exact" and fractional and self.ns_steps < 5:
+            raise ConfigError(f"ns_steps={self.ns_steps} with method={self.method!r}: below 5 refitted steps the "
+                              "quintic for large p leaves [0, 1] and the map grows without bound",
+                              fix='give ns_steps ≥ 5, or method="exact"')
+        return self
 
     def consumes(self):
         uses = {"grad": fresh(q.grad())}

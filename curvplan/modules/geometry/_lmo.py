@@ -58,7 +58,7 @@ class LMODirection(Module):
     constrained: bool = False
     normalized: bool = True
     ns: Literal["standard", "polar_express", "exact"] = "standard"
-    ns_steps: int = Field(5, ge=1)
+    ns_steps: int = Field(5, ge=1, le=100)
 
     def consumes(self):
         return {"grad": fresh(q.grad())} | ({"params": fresh(q.params())} if self.constrained else {})

@@ -74,7 +74,7 @@ class MuonDirection(Module):
     beta: float = Field(0.95, ge=0.0, lt=1.0)
     nesterov: bool = True
     ns: Literal["standard", "polar_express", "exact"] = "standard"
-    ns_steps: int = Field(5, ge=1)
+    ns_steps: int = Field(5, ge=1, le=100)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0.0)
     consistent_rms: float | None = Field(None, gt=0)
