@@ -109,6 +109,39 @@ def test_inverse_root_matches_numpy_eigh(x64, p):
     np.testing.assert_allclose(inverse_root(e, p, 1e-6), np_root(a, p, 1e-6), rtol=1e-7, atol=1e-7)
 
 
+def test_epsilon_zero_float32_roots_of_rank_deficient_factors_succeed():
+    """ε = 0 in float32, batches of one example: every factor of the first 3 steps is rank-deficient (rank t+1).
+    The floor max(ε, u)·λ_max with u = float32's machine epsilon keeps each root finite; each update matches
+    −L̃^(-1/4) G R̃^(-1/4) of the same rule computed by numpy in float64 from the same gradients."""
+    u32 = float(np.finfo(np.float32).eps)
+    gram = GradGram(beta=None, every=1)
+    mods = [gram, GramEigbasis(gram=gram.spec, every=1, start=0), Shampoo(gram=gram.spec, graft="none", epsilon=0.0),
+            UpdateTail(learning_rate=1.0, source="shampoo")]
+    tx = cp.as_optax(mods, loss_fn=never_loss)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(k1, (8, 12)) / 3, "b1": jnp.zeros(12), "w2": jax.random.normal(k2, (12, 4)) / 3}
+    xs, ys = jax.random.normal(k3, (3, 1, 8)), jnp.array([[0], [2], [1]])
+
+    def loss(p, x, y):
+        logits = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0])
+
+    state, update = tx.init(params), jax.jit(tx.update)
+    L, R, errs = {}, {}, []
+    for t in range(3):
+        g = jax.grad(loss)(params, xs[t], ys[t])
+        u, state = update(g, state, params)
+        assert int(state.info.shampoo_root_failures) == 0
+        for k in ("w1", "w2"):
+            G = np.asarray(g[k], np.float64)
+            L[k], R[k] = L.get(k, 0) + G @ G.T, R.get(k, 0) + G.T @ G
+            assert np.linalg.matrix_rank(L[k]) == t + 1
+            P = np_root(L[k], 4.0, u32) @ G @ np_root(R[k], 4.0, u32)
+            errs.append(np.linalg.norm(np.asarray(u[k], np.float64) + P) / np.linalg.norm(P))
+        params = jax.tree.map(lambda p, d: p + 0.1 * d, params, u)
+    assert max(errs) < 1e-3, errs
+
+
 @pytest.mark.parametrize("graft", ["none", "adagrad"])
 def test_shampoo_direction_matches_dense_reference(x64, graft):
     """Roots refreshed every step: update = −L̃^(-1/4) G R̃^(-1/4) with L = Σ G Gᵀ, R = Σ Gᵀ G (numpy), grafted

@@ -82,7 +82,8 @@ def select_rank(s_l, s_r, r_old, epsilon, lo, hi, down: int = 1, up: int = 4) ->
 
 # -- modules ---------------------------------------------------------------------------------------------
 def scao_spectrum(spec: Spec) -> q.Quantity:
-    """``%precond.scao``: per block the regularized top eigenvalues and the rank; per fallback leaf d̂."""
+    """``%precond.scao``: per block the regularized top eigenvalues and the rank; per fallback leaf a
+    `DiagSpectrum`."""
     return q.quantity("precond", "scao", **{f"gram_{k}": v for k, v in spec})
 
 
@@ -90,6 +91,13 @@ class SpectrumBlock(NamedTuple):
     s_l: jax.Array
     s_r: jax.Array
     rank: jax.Array
+
+
+class DiagSpectrum(NamedTuple):
+    """A fallback leaf's bias-corrected statistic ``d_hat = d / bc`` and its correction ``bc`` (a scalar)."""
+
+    d_hat: jax.Array
+    bc: jax.Array
 
 
 class ScaoSpectrumState(NamedTuple):
@@ -104,7 +112,7 @@ class ScaoSpectrum(GramConsumer):
 
     For each factor with eigenvalues λ (of the raw EMA, ``bc = 1 − ρ^count``):
     s = λ/bc + max(tikhonov_min, tikhonov · Σλ/(bc·dim)), descending. The rank follows `select_rank`; only the
-    ``hi`` largest eigenvalues are kept (eigenvalue truncation). Fallback leaves carry d̂ = d / bc.
+    ``hi`` largest eigenvalues are kept (eigenvalue truncation). Fallback leaves carry d̂ = d / bc and bc.
     """
 
     kind: Literal["scao_spectrum"] = "scao_spectrum"
@@ -136,7 +144,7 @@ class ScaoSpectrum(GramConsumer):
         def leaf(p):
             lay = spec_layout(self.gram, p.shape)
             if lay is None:
-                return jnp.ones(p.shape, stat_dtype(p))
+                return DiagSpectrum(jnp.ones(p.shape, stat_dtype(p)), jnp.ones((), stat_dtype(p)))
             return tuple(SpectrumBlock(jnp.ones(hi, stat_dtype(p)), jnp.ones(hi, stat_dtype(p)),
                                        jnp.asarray(lo, jnp.int32)) for lo, hi in self._bounds(lay))
 
@@ -150,10 +158,11 @@ class ScaoSpectrum(GramConsumer):
         beta = dict(self.gram)["beta"]
         out, new_ranks, all_ranks = [], [], []
         for p, fac, blocks, rk in zip(params, facs, bases, ranks):
-            bc = 1.0 if beta is None else jnp.maximum(1 - beta ** gram.count.astype(stat_dtype(p)), 1e-8)
+            dt = stat_dtype(p)
+            bc = jnp.ones((), dt) if beta is None else jnp.maximum(1 - beta ** gram.count.astype(dt), 1e-8)
             lay = spec_layout(self.gram, p.shape)
             if lay is None:
-                out.append(fac / bc), new_ranks.append(())
+                out.append(DiagSpectrum(fac / bc, bc)), new_ranks.append(())
                 continue
             leaf_out, leaf_ranks = [], []
             for (el, er), r_old, (lo, hi) in zip(blocks, rk, self._bounds(lay)):
@@ -177,7 +186,8 @@ class ScaoPrecondition(GramConsumer):
     With U_l, U_r the top columns of the eigenbases, P = U_lᵀ G U_r and the rank-r mask M,
     G_pre = G + U_l [M ⊙ (s_l^(-¼) s_r^(-¼)ᵀ − 1) ⊙ P] U_rᵀ (identity outside the kept subspace),
     s^(-¼) = max(s, 1e-8)^(-¼). Natural-gradient clip: ν = ‖M ⊙ s_l^(-½) P s_r^(-½)‖_F; if ν > ``clip``
-    the block is scaled by clip/ν (``clip=None``: off). Fallback leaves: g / (d̂^(¼) + 1e-8).
+    the block is scaled by clip/ν (``clip=None``: off). Fallback leaves: g / (d̂^(¼) + 1e-8), clipped the same
+    way with ν = (Σ g² / (d^(½) + 1e-8))^(½) over the leaf, on the uncorrected statistic d = bc·d̂.
     """
 
     kind: Literal["scao_precondition"] = "scao_precondition"
@@ -199,7 +209,12 @@ class ScaoPrecondition(GramConsumer):
             g32 = g.astype(stat_dtype(g))
             lay = spec_layout(self.gram, g.shape)
             if lay is None:
-                out.append((g32 / (jnp.maximum(sp, 0) ** 0.25 + 1e-8)).astype(g.dtype))
+                d_hat = jnp.maximum(sp.d_hat, 0)
+                G = g32 / (d_hat**0.25 + 1e-8)
+                if self.clip is not None:
+                    nu = jnp.sqrt(jnp.sum(g32**2 / (jnp.sqrt(d_hat * sp.bc) + 1e-8)))
+                    G = G * jnp.minimum(1.0, self.clip / jnp.maximum(nu, 1e-30))
+                out.append(G.astype(g.dtype))
                 continue
             pre = []
             for gb, (el, er), b in zip(blocks_of(g32, lay), blocks, sp):

@@ -39,7 +39,10 @@ from curvplan.modules.transforms import UpdateTail
 
 
 def inverse_root(e: Eigen, exponent: float = 4.0, epsilon: float = 1e-6, epsilon_abs: float = 0.0) -> jax.Array:
-    """``(A + (ε·λ_max(A) + ε_abs) I)^(-1/exponent)`` from A's eigendecomposition ``e`` (relative floor).
+    """``(A + (max(ε, u)·λ_max(A) + ε_abs) I)^(-1/exponent)`` from A's eigendecomposition ``e`` (relative floor).
+
+    ``u`` is the machine epsilon of ``e``'s dtype (float32: 2^-23, about 1.2e-7): eigenvalues below u·λ_max are
+    rounding noise of the factor and of ``eigh``, so even ε = 0 keeps the root of a rank-deficient factor finite.
 
     >>> import jax.numpy as jnp
     >>> from curvplan.modules.preconditioners._grad_gram import Eigen
@@ -47,8 +50,8 @@ def inverse_root(e: Eigen, exponent: float = 4.0, epsilon: float = 1e-6, epsilon
     >>> [round(float(x), 4) for x in jnp.diag(inverse_root(e, epsilon=0.0))]
     [0.5, 1.0]
     """
-    floor = epsilon * jnp.max(e.lam) + epsilon_abs
-    w = (e.lam + floor) ** (-1.0 / exponent)
+    floor = max(epsilon, float(jnp.finfo(e.lam.dtype).eps)) * jnp.max(e.lam) + epsilon_abs
+    w = (jnp.maximum(e.lam, 0) + floor) ** (-1.0 / exponent)  # a PSD factor: a negative λ is rounding
     return mm(e.Q * w[None, :], e.Q.T)
 
 
@@ -67,7 +70,8 @@ class ShampooState(NamedTuple):
 class Shampoo(GramConsumer):
     """Shampoo direction ``%direction.shampoo`` from the carried ``%eigbasis.grad_gram``.
 
-    Per matrix block, P = L̃^(-1/exponent) G R̃^(-1/exponent) with L̃ = L + (ε·λ_max + ε_abs) I. The roots
+    Per matrix block, P = L̃^(-1/exponent) G R̃^(-1/exponent) with L̃ = L + (max(ε, u)·λ_max + ε_abs) I, u the
+    machine epsilon of the statistics' dtype (`inverse_root`). The roots
     are recomputed when the eigendecomposition was refreshed (its ``count`` changed); a root that is not finite
     keeps the previous one and is counted (``shampoo_root_failures``). With grafting, each block is rescaled to
     the norm of the graft direction D: (‖D‖/‖P‖)·P, where D is ``g`` (``"sgd"``), ``g/(√Σg² + eps)``

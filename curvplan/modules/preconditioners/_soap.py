@@ -36,8 +36,8 @@ from curvplan.modules.transforms import UpdateTail
 
 class SoapState(NamedTuple):
     """``m``, ``v`` (moments, per block in the eigenbasis, or the leaf's own for fallback leaves) and ``used``
-    (the bases the moments are expressed in) hold one entry per parameter leaf, in leaf order (`per_leaf`);
-    ``seen`` is the ``count`` of the basis last read, ``count`` the steps taken."""
+    (per block, the bases ``(Q_L, Q_R)`` the next step works in) hold one entry per parameter leaf, in leaf
+    order (`per_leaf`); ``seen`` is the ``count`` of the basis last adopted, ``count`` the calls so far."""
 
     m: Any
     v: Any
@@ -58,11 +58,15 @@ class Soap(GramConsumer):
     - ``"keep"`` (the later revision): m is kept in the parameter basis and projected every step.
 
     With full orthogonal bases both give the same m̃ (up to rounding). With ``correct_bias`` the direction is
-    scaled by √(1−β2ᵗ)/(1−β1ᵗ). Fallback leaves (vectors, huge matrices) get plain Adam. Unlike the reference
-    code the first step already updates (the plan refreshes the basis before SOAP reads it), and a step uses
-    the basis refreshed with its own gradient. Note: inside a degenerate eigenspace (e.g. the null space of a
-    rank-deficient Gram) the basis is arbitrary and elementwise Adam is not rotation-invariant there, so
-    SOAP's direction depends on rounding in such cases (as in the reference code).
+    scaled by √(1−β2ᵗ)/(1−β1ᵗ). Fallback leaves (vectors, huge matrices) get plain Adam.
+
+    Step order as in soap.py: the first call only adopts the basis (direction zero, moments untouched; the
+    tail's weight decay still applies), and step t ≥ 1 works in the basis it adopted at the end of the previous
+    call; the basis refreshed with step t's own gradient is adopted after its direction. (In that basis G̃ is
+    diagonal up to rounding, and elementwise Adam turns float32 rounding into entries of size one.) Note:
+    inside a degenerate eigenspace (e.g. the null space of a rank-deficient Gram) the basis is arbitrary and
+    elementwise Adam is not rotation-invariant there, so SOAP's direction depends on rounding in such cases
+    (as in the reference code).
     """
 
     kind: Literal["soap"] = "soap"
@@ -93,8 +97,7 @@ class Soap(GramConsumer):
             bl = [jnp.zeros((r1 - r0, c1 - c0), dt) for r0, r1, c0, c1 in lay]
             vs.append(tuple(bl))
             ms.append(tuple(bl) if self.moments == "rotate" else z)
-            used.append(tuple((jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay)
-                        if self.moments == "rotate" else ())
+            used.append(tuple((jnp.eye(r1 - r0, dtype=dt), jnp.eye(c1 - c0, dtype=dt)) for r0, r1, c0, c1 in lay))
         zero = jnp.zeros((), jnp.int32)
         return SoapState(tuple(ms), tuple(vs), tuple(used), zero, zero)
 
@@ -104,28 +107,33 @@ class Soap(GramConsumer):
         leaves, treedef = jax.tree.flatten(grads)
         ms, vs, useds, bases = state.m, state.v, state.used, basis.bases
         changed = basis.count != state.seen
+        first = state.count == 0  # adopts the basis only
         b1, b2, eps = self.b1, self.b2, self.eps
-        count = state.count + 1
-        t = count.astype(stat_dtype(leaves[0]))
+        t = jnp.maximum(state.count, 1).astype(stat_dtype(leaves[0]))  # the updates so far, this one included
         # the bias corrections folded into one scale of the direction (eps stays uncorrected, as in soap.py)
         scale = jnp.sqrt(1 - b2**t) / (1 - b1**t) if self.correct_bias else 1.0
         ema = optax.tree.update_moment
         ema_sq = optax.tree.update_moment_per_elem_norm
         rotate = self.moments == "rotate"
 
+        def unless_first(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(first, o, n), new, old)
+
         def block(item):  # one block: its second moment, its rotated first moment, its direction
-            gb, vb, (el, er), mb, used = item
-            vb = jnp.where(changed, vb[el.perm][:, er.perm], vb)
-            gt = mm(mm(el.Q.T, gb), er.Q)
+            gb, vb, (el, er), mb, (ql, qr) = item
+            gt = mm(mm(ql.T, gb), qr)  # in the basis adopted before this step's refresh
             if rotate:
-                ql, qr = used
-                mb = jax.lax.cond(changed, lambda: mm(mm(el.Q.T, mm(mm(ql, mb), qr.T)), er.Q), lambda: mb)
-                mb = ema(gt, mb, b1, 1)
+                mb = unless_first(ema(gt, mb, b1, 1), mb)
                 mt = mb
             else:
-                mt = mm(mm(el.Q.T, mb), er.Q)
-            vb = ema_sq(gt, vb, b2, 2)
-            return vb, mb, mm(mm(el.Q, mt / (jnp.sqrt(vb) + eps)), er.Q.T)
+                mt = mm(mm(ql.T, mb), qr)
+            vb = unless_first(ema_sq(gt, vb, b2, 2), vb)
+            d = jnp.where(first, 0.0, mm(mm(ql, mt / (jnp.sqrt(vb) + eps)), qr.T))
+            # then adopt this step's basis: ṽ permuted like its columns, m̃ rotated into it
+            vb = jnp.where(changed, vb[el.perm][:, er.perm], vb)
+            if rotate:
+                mb = jax.lax.cond(changed, lambda: mm(mm(el.Q.T, mm(mm(ql, mb), qr.T)), er.Q), lambda: mb)
+            return vb, mb, d
 
         out, new_m, new_v, new_used, items, lays = [], [], [], [], [], []
         for g, m, v, used, blocks in zip(leaves, ms, vs, useds, bases):
@@ -133,17 +141,18 @@ class Soap(GramConsumer):
             lay = spec_layout(self.gram, g.shape)
             lays.append(lay)
             if lay is None:  # plain Adam
-                m, v = ema(g, m, b1, 1), ema_sq(g, v, b2, 2)
-                out.append(scale * m / (jnp.sqrt(v) + eps))
+                m, v = unless_first((ema(g, m, b1, 1), ema_sq(g, v, b2, 2)), (m, v))
+                out.append(jnp.where(first, 0.0, scale * m / (jnp.sqrt(v) + eps)))
                 new_m.append(m), new_v.append(v), new_used.append(())
                 continue
             if rotate:
-                mbs, new_used_leaf = m, tuple((el.Q, er.Q) for el, er in blocks)
+                mbs = m
             else:
-                m = ema(g, m, b1, 1)
-                mbs, used, new_used_leaf = blocks_of(m, lay), [()] * len(lay), ()
+                m = unless_first(ema(g, m, b1, 1), m)
+                mbs = blocks_of(m, lay)
             items += list(zip(blocks_of(g, lay), v, blocks, mbs, used))
-            out.append(None), new_m.append(None if rotate else m), new_v.append(None), new_used.append(new_used_leaf)
+            out.append(None), new_m.append(None if rotate else m), new_v.append(None)
+            new_used.append(tuple((el.Q, er.Q) for el, er in blocks))
         done = iter(ctx.blocks.map(block, items))
         for i, (g, lay) in enumerate(zip(leaves, lays)):
             if lay is None:
@@ -154,8 +163,7 @@ class Soap(GramConsumer):
                 new_m[i] = tuple(r[1] for r in res)
             out[i] = scale * assemble([r[2] for r in res], lay, g.shape)
         direction = treedef.unflatten([d.astype(g.dtype) for d, g in zip(out, leaves)])
-        new = SoapState(tuple(new_m), tuple(new_v), tuple(new_used),
-                        basis.count, count)
+        new = SoapState(tuple(new_m), tuple(new_v), tuple(new_used), basis.count, state.count + 1)
         return {"direction": direction}, new
 
 
