@@ -103,6 +103,18 @@ def poison(state):
     return state._replace(modules=jax.tree.map(one, state.modules), slots=jax.tree.map(one, state.slots))
 
 
+def seen_by_the_loss(p, q):
+    """Pairs of parameters with the class-mean of the output layer taken out, which the softmax cannot see.
+
+    Every gradient of w2 has rows summing to zero, so SOAP's right gram has the all-ones null vector, and its
+    Adam-in-the-basis step divides two rounding-level numbers along it: two programs (step, scan) then move w2
+    by different amounts in a direction no loss or prediction depends on."""
+    def centred(k, x):
+        x = np.asarray(x, np.float64)
+        return x - x.mean(axis=-1, keepdims=True) if k in ("w2", "b2") else x
+    return {k: (centred(k, p[k]), centred(k, q[k])) for k in p}
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_step_and_run_skip_faults_keep_state_and_recover(name):
     opt = cp.Optimizer(PRESETS[name](), loss_fn, model_fn=model_fn, loss="ce")
@@ -125,8 +137,8 @@ def test_step_and_run_skip_faults_keep_state_and_recover(name):
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch(t) for t in range(STEPS)])
     rp, rs, infos = opt.run(first_p, first_s, stacked, KEY)
     assert [bool(x) for x in infos.skipped] == [t in FAULTS for t in range(STEPS)]
-    for k in p:
-        np.testing.assert_allclose(np.asarray(rp[k]), np.asarray(p[k]), rtol=1e-4, atol=1e-6)
+    for k, (a, b) in seen_by_the_loss(rp, p).items():
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
 
     # poisoned state: started afresh where it is not finite, then training goes on
     s = poison(s)
