@@ -152,7 +152,8 @@ class Method:
 
 # Settings shared by each curvplan composition and its peer. CG methods use tol=1e-12 so that both sides run
 # exactly `maxiter` iterations (a per-step time comparison must not depend on where two trajectories stop).
-CG = dict(lam=1.0, tol=1e-12, maxiter=10, warm_start=True)
+CG = dict(lam=1.0, tol=1e-12, maxiter=10, warm_start=True, radius=None)
+"""CG settings on both sides of the Somax comparison (Somax's CG has no trust radius, so curvplan's is off)."""
 SOPHIA = dict(learning_rate=3e-3, hessian_every=10)
 ADAHESSIAN = dict(learning_rate=3e-3, hessian_every=10)
 KFAC = dict(learning_rate=0.1, damping=0.1, inverse_every=5, ema=0.95)

@@ -25,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from curvplan.ir._errors import LoweringError
 from curvplan.ir._module import ModuleSpec
@@ -146,7 +145,11 @@ class LinearOperator:
     __call__ = mv
 
     def damped(self, lam: Any) -> LinearOperator:
-        return LinearOperator(lambda v: optax.tree.add_scale(self._mv(v), lam, v), f"({self.name} + lambda I)")
+        # λ is cast to each leaf's dtype: a float64 λ (x64 on) must not promote float32 products
+        def mv(v):
+            return jax.tree.map(lambda cv, vi: cv + jnp.asarray(lam, vi.dtype) * vi, self._mv(v), v)
+
+        return LinearOperator(mv, f"({self.name} + lambda I)")
 
     def __repr__(self) -> str:
         return f"LinearOperator({self.name})"

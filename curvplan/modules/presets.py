@@ -47,11 +47,16 @@ __all__ = [
 ]
 
 
-def _cg_method(curvature: Module, learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm):
+RADIUS = 1.0
+"""The CG presets' trust radius on ‖s‖ (see `benchmarks/sweep.py cg_radius` for how it was chosen)."""
+
+
+def _cg_method(curvature: Module, learning_rate, lam, tol, maxiter, warm_start, radius, momentum, weight_decay,
+               clip_norm):
     return [
         curvature,
         ConstantDamping(lam=lam),
-        CG(tol=tol, maxiter=maxiter, warm_start=warm_start),
+        CG(tol=tol, maxiter=maxiter, warm_start=warm_start, radius=radius),
         UpdateTail(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm),
     ]
 
@@ -63,12 +68,16 @@ def newton_cg(
     tol: float = 1e-5,
     maxiter: int = 20,
     warm_start: bool = True,
+    radius: float | None = RADIUS,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     clip_norm: float | None = None,
 ) -> list[Module]:
-    """Newton-CG: exact Hessian, constant damping λ, CG (stops on negative curvature), ``-lr·s``."""
-    return _cg_method(Hessian(), learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm)
+    """Newton-CG: exact Hessian, constant damping λ, CG (stops on negative curvature), ``-lr·s``.
+
+    ``radius`` bounds ‖s‖ (Steihaug-Toint CG, ``cg_radius_reached`` in the step info); None turns it off."""
+    return _cg_method(Hessian(), learning_rate, lam, tol, maxiter, warm_start, radius, momentum, weight_decay,
+                      clip_norm)
 
 
 def gauss_newton_cg(
@@ -79,12 +88,16 @@ def gauss_newton_cg(
     tol: float = 1e-5,
     maxiter: int = 20,
     warm_start: bool = True,
+    radius: float | None = RADIUS,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     clip_norm: float | None = None,
 ) -> list[Module]:
-    """Gauss-Newton-CG (Somax's ``sgn_*``): GGN for ``loss``, constant damping λ, CG, ``-lr·s``."""
-    return _cg_method(GGN(loss=loss), learning_rate, lam, tol, maxiter, warm_start, momentum, weight_decay, clip_norm)
+    """Gauss-Newton-CG (Somax's ``sgn_*``): GGN for ``loss``, constant damping λ, CG, ``-lr·s``.
+
+    ``radius`` bounds ‖s‖ as in `newton_cg`."""
+    return _cg_method(GGN(loss=loss), learning_rate, lam, tol, maxiter, warm_start, radius, momentum, weight_decay,
+                      clip_norm)
 
 
 def adahessian_like(

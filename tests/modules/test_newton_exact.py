@@ -1,5 +1,8 @@
 """End-to-end exactness of Newton-CG and Gauss-Newton-CG through the public `curvplan.Optimizer`, and the
-Hutchinson diagonal estimator against a dense matrix with a derived statistical tolerance."""
+Hutchinson diagonal estimator against a dense matrix with a derived statistical tolerance. The exact steps
+turn the presets' trust radius off (``radius=None``): it exists to stop a full step, and these take one.
+
+The default radius itself is checked on a near-singular quadratic: the step stops on ‖s‖ = 1."""
 
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def test_newton_step_solves_quadratic_exactly(cond):
     # CG in floating point can need more than n steps for a 1e-12 relative residual (loss of orthogonality):
     # give it the iterations the condition-number bound asks for, never a count at the edge of rounding.
     maxiter = cg_iterations(np.linalg.cond(A), 1e-12)
-    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, tol=1e-12, maxiter=maxiter), loss_fn=loss_fn)
+    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, tol=1e-12, maxiter=maxiter, radius=None),
+                             loss_fn=loss_fn)
     x0 = jnp.zeros(n)
     state = opt.init(x0)
     x1, state, info = opt.step(x0, state, (jnp.asarray(A), jnp.asarray(b)))
@@ -74,7 +78,7 @@ def test_newton_step_on_pytree_params_block_diagonal_quadratic():
         u, v = p["u"], p["v"]
         return 0.5 * (u @ A1_ @ u + v @ A2_ @ v) + u @ C_ @ v - b1_ @ u - b2_ @ v
 
-    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, tol=1e-12, maxiter=cg_iterations(
+    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, radius=None, tol=1e-12, maxiter=cg_iterations(
         np.linalg.cond(M), 1e-12)), loss_fn=loss_fn)
     p0 = {"u": jnp.zeros(6), "v": jnp.zeros(4)}
     p1, _, info = opt.step(p0, opt.init(p0), tuple(jnp.asarray(a) for a in (A1, A2, C, b1, b2)))
@@ -89,7 +93,7 @@ def test_gauss_newton_step_equals_lstsq():
     y = X @ rs.randn(8) + 0.3 * rs.randn(50)
     w_ref = np.linalg.lstsq(X, y, rcond=None)[0]
     opt = curvplan.Optimizer(
-        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, tol=1e-12,
+        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, radius=None, tol=1e-12,
                                          maxiter=cg_iterations(np.linalg.cond(X.T @ X), 1e-12)),
         model_fn=lambda w, x: x @ w, loss="mse",
     )
@@ -113,7 +117,7 @@ def test_gauss_newton_vector_output_least_squares():
     X, Y = rs.randn(40, 5), rs.randn(40, 3)
     W_ref = np.linalg.lstsq(X, Y, rcond=None)[0]
     opt = curvplan.Optimizer(
-        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, tol=1e-12,
+        curvplan.presets.gauss_newton_cg(loss="mse", lam=0.0, radius=None, tol=1e-12,
                                          maxiter=cg_iterations(np.linalg.cond(X.T @ X), 1e-12)),
         model_fn=lambda W, x: x @ W, loss="mse",
     )
@@ -215,8 +219,25 @@ def test_damped_newton_step_uses_exact_lambda_under_x64():
     b = rs.randn(n)
     ref = np.linalg.solve(A + lam * np.eye(n), b)  # the damped system (A + λI) s = b, in float64
     maxiter = cg_iterations(np.linalg.cond(A + lam * np.eye(n)), 1e-13)
-    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=lam, tol=1e-13, maxiter=maxiter),
+    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=lam, tol=1e-13, maxiter=maxiter, radius=None),
                              loss_fn=lambda x, bt: 0.5 * x @ bt[0] @ x - bt[1] @ x)
     x1, _, info = opt.step(jnp.zeros(n), opt.init(jnp.zeros(n)), (jnp.asarray(A), jnp.asarray(b)))
     assert bool(info.cg_converged)
     np.testing.assert_allclose(np.asarray(x1), ref, rtol=0, atol=1e-11 * np.abs(ref).max())
+
+
+def test_default_radius_bounds_the_newton_step_on_a_near_singular_quadratic():
+    """f(x) = ½xᵀAx − bᵀx with eigenvalues down to 1e-7 and λ = 0: the exact Newton step has norm ~1e6 (numpy),
+    the preset's default radius 1 stops CG on the boundary and says so."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a = (q * np.array([1e-7, 1e-3, 0.1, 0.5, 1.0, 2.0, 3.0, 4.0])) @ q.T
+    b = rng.normal(size=8)
+    assert np.linalg.norm(np.linalg.solve(a, b)) > 1e5
+    A, B = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    opt = curvplan.Optimizer(curvplan.presets.newton_cg(lam=0.0, maxiter=8),
+                             loss_fn=lambda x, _: 0.5 * x @ A @ x - B @ x)
+    x0 = jnp.zeros(8, jnp.float32)
+    x1, _, info = opt.step(x0, opt.init(x0), None)
+    assert bool(info.cg_radius_reached)
+    np.testing.assert_allclose(float(jnp.linalg.norm(x1)), 1.0, rtol=1e-5)

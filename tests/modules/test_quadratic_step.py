@@ -240,14 +240,16 @@ def test_config_errors_name_the_module(kw, match):
 
 
 def test_kfac_with_the_quadratic_step_trains_the_digits_mlp():
-    """The adaptive K-FAC preset with `UpdateTail` swapped for ``QuadraticStep(source="kfac")`` (its GGN and λ
-    are already in the plan): 40 steps on the digits MLP, every step after the first solved in 2-D, no step
-    skipped, test loss below a tenth of the start."""
+    """``kfac(adaptive=True)`` is the adaptive-damping preset with `UpdateTail` swapped for
+    ``QuadraticStep(source="kfac")``: 40 steps on the digits MLP, every step after the first solved in 2-D, no
+    step skipped, test loss below a tenth of the start."""
     from curvplan.examples.digits import batches, evaluate, init_mlp, load_digits, mlp
-    from curvplan.modules.preconditioners._kfac import kfac
 
     (xtr, ytr), (xte, yte) = load_digits()
-    mods = [QuadraticStep(source="kfac") if isinstance(m, UpdateTail) else m for m in kfac(adapt_damping_every=5)]
+    mods = cp.presets.kfac(adaptive=True)
+    swapped = [QuadraticStep(source="kfac") if isinstance(m, UpdateTail) else m
+               for m in cp.presets.kfac(adapt_damping_every=5)]
+    assert not cp.diff_plans(cp.compile_plan(mods), cp.compile_plan(swapped))
     p = init_mlp(jax.random.key(0))
     start = float(evaluate(p, xte, yte)[0])
     opt = cp.Optimizer(mods, model_fn=mlp, loss="ce")
@@ -259,3 +261,9 @@ def test_kfac_with_the_quadratic_step_trains_the_digits_mlp():
     assert how[0] == 1 and set(how[1:]) == {0}, how
     assert int(s.skipped) == 0
     assert float(evaluate(p, xte, yte)[0]) < 0.1 * start
+
+
+@pytest.mark.parametrize("kw", [{"momentum": 0.9}, {"weight_decay": 1e-4}, {"clip_norm": 1.0}])
+def test_adaptive_kfac_refuses_settings_the_model_would_override(kw):
+    with pytest.raises(cp.ConfigError, match=f"drop {next(iter(kw))}="):
+        cp.presets.kfac(adaptive=True, **kw)

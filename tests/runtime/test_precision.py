@@ -49,3 +49,21 @@ def test_bf16_params_float32_state_20_steps(preset):
 def test_state_dtype_rule():
     assert state_dtype(jnp.bfloat16) == jnp.float32 and state_dtype(jnp.float16) == jnp.float32
     assert state_dtype(jnp.float32) == jnp.float32 and state_dtype(jnp.int32) == jnp.int32
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("preset", PRESETS)
+def test_float32_params_stay_float32_with_x64_on(preset):
+    """x64 on makes Python scalars float64 arrays where they are not weakly typed: no hyperparameter or damping
+    λ may promote a float32 model's parameters or state."""
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(k[0], (8, 16), jnp.float32) / 3, "b1": jnp.zeros(16, jnp.float32),
+              "w2": jax.random.normal(k[1], (16, 4), jnp.float32) / 4}
+    x, y = jax.random.normal(k[2], (32, 8), jnp.float32), jnp.arange(32, dtype=jnp.int32) % 4
+    opt = cp.Optimizer(getattr(cp.presets, preset)(**({"loss": "ce"} if preset in GGN else {})), model_fn=mlp,
+                       loss="ce")
+    state = opt.init(params, jax.random.key(1))
+    batches = (jnp.broadcast_to(x, (3,) + x.shape), jnp.broadcast_to(y, (3,) + y.shape))
+    p, state, infos = opt.run(params, state, batches, jax.random.key(2))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p))
+    assert int(state.skipped) == 0 and np.all(np.isfinite(np.asarray(infos.loss)))

@@ -48,7 +48,7 @@ class DiagEMA(Module):
         count = state.count + 1
         # not optax.tree.bias_correction: the floor keeps a beta that rounds to 1 from dividing by zero
         bc = jnp.maximum(1 - self.beta ** count.astype(jnp.result_type(float)), 1e-8)
-        return {"diag": jax.tree.map(lambda x: x / bc, v)}, DiagEMAState(v, count)
+        return {"diag": jax.tree.map(lambda x: (x / bc).astype(x.dtype), v)}, DiagEMAState(v, count)
 
 
 class DiagonalDirectionState(NamedTuple):

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from curvplan.ir import carried, fresh
 from curvplan.ir import quantities as q
-from curvplan.ir._errors import LoweringError
+from curvplan.ir._errors import ConfigError, LoweringError
 from curvplan.modules import _linalg
 from curvplan.modules._base import Module
 from curvplan.modules._blocks import BlockStore
@@ -502,6 +502,7 @@ def kfac(
     burnin: int = 0,
     labels: Literal["true", "sampled"] = "true",
     adapt_damping_every: int | None = None,
+    adaptive: bool = False,
     loss: Literal["ce", "mse"] = "ce",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
@@ -516,6 +517,12 @@ def kfac(
     the gain ratio ρ of the applied update under the GGN quadratic model of ``loss`` (`GainRatio`, without the
     λ term) drives `TrustRegionDamping` from ``damping``, λ ×= ω on ρ > 3/4 and λ /= ω on ρ < 1/4 with
     ω = (19/20)^k. Those steps also linearize the model (one GGN-vector product and one extra forward).
+
+    ``adaptive=True`` is kfac-jax's adaptive configuration (adaptive learning rate, momentum and damping): the
+    step size α and momentum β of every step minimize the damped GGN quadratic model on span{−U, δ₋}
+    (`QuadraticStep`, two GGN-vector products a step), and the damping adapts every ``adapt_damping_every``
+    steps (5 unless given). ``learning_rate`` is then unused, and ``momentum``, ``weight_decay``, ``clip_norm``
+    are refused (the model chooses the step).
 
     The per-layer state is laid out at ``init``. Give init an example batch (``opt.init(params, batch=b)``,
     ``cp.as_optax(..., example_batch=b)``) and the layers are read off the traced model: flax ``(in, out)`` and
@@ -532,19 +539,29 @@ def kfac(
     """
     from curvplan.modules.curvature import GGN
     from curvplan.modules.damping import GainRatio, TrustRegionDamping
-    from curvplan.modules.transforms import UpdateTail
+    from curvplan.modules.transforms import QuadraticStep, UpdateTail
 
-    adaptive = adapt_damping_every is not None
+    if adaptive:
+        given = {k: v for k, v in (("momentum", momentum), ("weight_decay", weight_decay)) if v}
+        if clip_norm is not None:
+            given["clip_norm"] = clip_norm
+        if given:
+            raise ConfigError(f"kfac(adaptive=True) chooses its own step, so {', '.join(given)} would be ignored",
+                              fix="drop " + ", ".join(f"{k}=" for k in given) + " or use adaptive=False")
+        adapt_damping_every = adapt_damping_every or 5
+    tail = QuadraticStep(source="kfac") if adaptive else UpdateTail(
+        learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
+        clip_norm=clip_norm)
+    adaptive_damping = adapt_damping_every is not None
     mods: list[Module] = [
         KFACFactors(ema=ema, out_axis=out_axis, stacked=stacked, labels=labels, every=1),
         KFACInverse(every=inverse_every, start=burnin, out_axis=out_axis, stacked=stacked,
-                    pi_damping=damping if damping_mode == "pi" and not adaptive else None),
+                    pi_damping=damping if damping_mode == "pi" and not adaptive_damping else None),
         KFACDirection(damping=damping, damping_mode=damping_mode, fallback=fallback, out_axis=out_axis,
-                      stacked=stacked, adaptive=adaptive),
-        UpdateTail(learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
-                   clip_norm=clip_norm),
+                      stacked=stacked, adaptive=adaptive_damping),
+        tail,
     ]
-    if adaptive:
+    if adaptive_damping:
         omega = (19 / 20) ** adapt_damping_every
         mods += [GGN(loss=loss), GainRatio(every=adapt_damping_every, include_lambda=False),
                  TrustRegionDamping(lam0=damping, every=adapt_damping_every, increase=1 / omega, decrease=omega)]

@@ -1,0 +1,157 @@
+"""Small documented sweeps of preset settings: held-out loss after a fixed budget, per seed.
+
+    python -m benchmarks.sweep cg_radius              # Newton-CG / Gauss-Newton-CG trust radius x damping, W1
+    python -m benchmarks.sweep kfac_adaptive          # K-FAC: fixed lr vs the quadratic-model step, W1
+    python -m benchmarks.sweep cg_radius --steps 50 --seeds 0 1
+
+Each point of a sweep's grid is one preset configuration, trained from each seed's initialisation on that
+seed's batches with `Optimizer.run` (compiled once per point). Results go to
+``benchmarks/results/sweep_<name>.{json,md}``: the held-out loss per seed, and the step-info counters the
+sweep names (e.g. how many steps hit the CG radius). A run whose loss is not finite or above ``diverged``
+is marked as diverged.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in benchmarks.run
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import curvplan as cp  # noqa: E402
+from benchmarks.run import RESULTS  # noqa: E402
+from benchmarks.workloads import get_workload  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A grid of preset settings on one workload: ``make(workload, **point)`` returns the module list."""
+
+    workload: str
+    make: Callable[..., list]
+    grid: dict[str, tuple]
+    steps: int = 100
+    seeds: tuple[int, ...] = (0, 1)
+    counters: tuple[str, ...] = ()  # boolean / integer StepInfo fields summed over the run
+    diverged: float = 100.0
+    target: float | None = None  # held-out loss; the first evaluated step at or below it is reported
+    eval_every: int | None = None  # held-out loss every this many steps (default: at the end only)
+    about: str = ""
+
+
+def _cg(w, method, **kw):
+    extra = {"loss": w.loss_kind} if method == "gauss_newton_cg" else {}
+    return getattr(cp.presets, method)(**extra, **kw)
+
+
+def _kfac(w, **kw):
+    return cp.presets.kfac(loss=w.loss_kind, **kw)
+
+
+W1_TARGET = 0.0282
+"""AdamW's held-out loss on W1 at 60% of its 600-step budget (the README's time-to-target table)."""
+
+
+SWEEPS: dict[str, Sweep] = {
+    "cg_radius": Sweep(
+        "w1", _cg, {"method": ("newton_cg", "gauss_newton_cg"), "lam": (1.0, 0.01), "radius": (None, 1.0, 3.0, 10.0)},
+        counters=("cg_radius_reached",),
+        about="CG trust radius (Steihaug-Toint) on ‖s‖ against the constant damping λ, learning rate 1."),
+    "kfac_adaptive": Sweep(
+        "w1", _kfac, {"adaptive": (False, True), "damping": (0.01, 0.1, 1.0)}, steps=400, seeds=(0, 1, 2),
+        target=W1_TARGET, eval_every=20, counters=("skipped",),
+        about="K-FAC with its fixed learning rate 0.1 vs the quadratic-model step size and momentum "
+              "(`adaptive=True`, damping adapted every 5 steps from the given initial value). AdamW reaches "
+              f"the target {W1_TARGET} in 360 steps (median of 5 seeds)."),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_point(w, modules, sw: Sweep, steps: int, seed: int) -> dict[str, Any]:
+    opt = cp.Optimizer(modules, **w.optimizer_kwargs())
+    params = w.init(jax.random.key(seed))
+    state = opt.init(params)
+    it = w.batches(seed)
+    every = sw.eval_every or steps
+    curve, counts, t0 = [], {c: 0 for c in sw.counters}, time.perf_counter()
+    for start in range(0, steps, every):
+        n = min(every, steps - start)
+        batches = jax.tree.map(lambda *xs: jnp.stack(xs), *[next(it) for _ in range(n)])
+        params, state, infos = opt.run(params, state, batches, jax.random.fold_in(jax.random.key(seed + 1), start))
+        for c in sw.counters:
+            counts[c] += int(np.sum(np.asarray(getattr(infos, c))))
+        curve.append((start + n, w.eval_loss(params)))
+    loss = curve[-1][1]
+    reached = [t for t, v in curve if sw.target is not None and v <= sw.target]
+    return {"seed": seed, "test_loss": loss if math.isfinite(loss) else None, "seconds": time.perf_counter() - t0,
+            "curve": [(t, v if math.isfinite(v) else None) for t, v in curve],
+            "steps_to_target": reached[0] if reached else None, **counts}
+
+
+def run_sweep(name: str, steps: int | None = None, seeds: tuple[int, ...] | None = None) -> dict:
+    sw = SWEEPS[name]
+    w = get_workload(sw.workload)
+    steps, seeds = steps or sw.steps, seeds or sw.seeds
+    keys = list(sw.grid)
+    points = [dict(zip(keys, vals)) for vals in itertools.product(*sw.grid.values())]
+    rows = []
+    for i, point in enumerate(points):
+        runs = [run_point(w, sw.make(w, **point), sw, steps, s) for s in seeds]
+        diverged = sum(r["test_loss"] is None or r["test_loss"] > sw.diverged for r in runs)
+        rows.append({"point": point, "runs": runs, "diverged": diverged})
+        losses = ", ".join("nan" if r["test_loss"] is None else f"{r['test_loss']:.4g}" for r in runs)
+        _log(f"{i + 1}/{len(points)} {point}: test loss {losses}")
+    return {"sweep": name, "workload": sw.workload, "steps": steps, "seeds": list(seeds), "about": sw.about,
+            "counters": list(sw.counters), "target": sw.target, "rows": rows, "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def to_markdown(res: dict) -> str:
+    keys = list(res["rows"][0]["point"])
+    target = res.get("target")
+    head = keys + ["test loss per seed", *(["steps to target"] if target else []), *res["counters"], "diverged"]
+    lines = [f"# Sweep `{res['sweep']}` on {res['workload']}: {res['steps']} steps, seeds {res['seeds']}", "",
+             res["about"], "", f"JAX {res['jax']}, {res['date']}. Command: `python -m benchmarks.sweep {res['sweep']}`.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in res["rows"]:
+        losses = " / ".join("nan" if r["test_loss"] is None else f"{r['test_loss']:.3g}" for r in row["runs"])
+        counts = [" / ".join(str(r[c]) for r in row["runs"]) for c in res["counters"]]
+        ttt = [" / ".join("-" if r["steps_to_target"] is None else str(r["steps_to_target"]) for r in row["runs"])]
+        cells = [str(row["point"][k]) for k in keys] + [losses, *(ttt if target else []), *counts,
+                                                         f"{row['diverged']}/{len(row['runs'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", choices=sorted(SWEEPS))
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--seeds", type=int, nargs="+")
+    args = ap.parse_args(argv)
+    res = run_sweep(args.sweep, args.steps, tuple(args.seeds) if args.seeds else None)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"sweep_{args.sweep}.json").write_text(json.dumps(res, indent=1))
+    md = to_markdown(res)
+    (RESULTS / f"sweep_{args.sweep}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
