@@ -215,6 +215,8 @@ METHODS: dict[str, Method] = {
         workload="w4", note="rho every 5 steps"),
     "hessian_free": Method(lambda w: cp.presets.hessian_free(loss=w.loss_kind, maxiter=10), workload="w4"),
     "kfac": Method(lambda w: cp.presets.kfac(**KFAC), note="peer: kfac-jax, own venv (`make bench-peers`)"),
+    "kfac_adaptive": Method(lambda w: cp.presets.kfac(adaptive=True, damping=KFAC["damping"], loss=w.loss_kind),
+                            note="alpha, beta from the quadratic model; damping adapted every 5"),
     "kfac+hutchinson": Method(_kfac_telemetry, note="K-FAC + Hessian trace/diagonal telemetry every 10"),
     "shampoo": Method(lambda w: cp.presets.shampoo(learning_rate=3e-3, root_every=10)),
     "soap": Method(lambda w: cp.presets.soap(learning_rate=3e-3, precondition_frequency=10)),

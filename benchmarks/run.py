@@ -514,9 +514,10 @@ rates: best held-out loss after 150 steps (seed 0) of {0.02, 0.05} for Muon, {0.
 Schatten-p and {1e-3, 3e-3, 1e-2} for MuAdam; AdamW keeps `ADAMW_LR`."""
 
 TTT = {
-    "w1": (600, 20, ["gauss_newton_cg", "sophia_h", "adahessian", "kfac", "shampoo", "soap", "scao", "muon"]),
+    "w1": (600, 20, ["gauss_newton_cg", "sophia_h", "adahessian", "kfac", "kfac_adaptive", "shampoo", "soap", "scao",
+                     "muon"]),
     "w4": (1500, 50, ["levenberg_marquardt", "gauss_newton_cg", "hessian_free"]),
-    "w3": (300, 50, ["muon", "shampoo", "soap", "scao", "kfac"]),
+    "w3": (300, 50, ["muon", "shampoo", "soap", "scao", "kfac", "kfac_adaptive"]),
 }
 """workload -> (step budget, eval every, methods) for time-to-target vs AdamW."""
 

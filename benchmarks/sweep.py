@@ -1,7 +1,8 @@
 """Small documented sweeps of preset settings: held-out loss after a fixed budget, per seed.
 
     python -m benchmarks.sweep cg_radius              # Newton-CG / Gauss-Newton-CG trust radius x damping, W1
-    python -m benchmarks.sweep kfac_adaptive          # K-FAC: fixed lr vs the quadratic-model step, W1
+    python -m benchmarks.sweep kfac_adaptive          # K-FAC: fixed lr vs the quadratic-model step, W1, + kfac-jax
+    python -m benchmarks.sweep kfac_adaptive_w3       # the same on the W3 char transformer
     python -m benchmarks.sweep cg_radius --steps 50 --seeds 0 1
 
 Each point of a sweep's grid is one preset configuration, trained from each seed's initialisation on that
@@ -22,6 +23,8 @@ import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -49,6 +52,7 @@ class Sweep:
     diverged: float = 100.0
     target: float | None = None  # held-out loss; the first evaluated step at or below it is reported
     eval_every: int | None = None  # held-out loss every this many steps (default: at the end only)
+    peer: Callable[..., list[dict] | None] | None = None  # (point, seed, steps, eval_every) -> curves, or None
     about: str = ""
 
 
@@ -61,8 +65,30 @@ def _kfac(w, **kw):
     return cp.presets.kfac(loss=w.loss_kind, **kw)
 
 
-W1_TARGET = 0.0282
-"""AdamW's held-out loss on W1 at 60% of its 600-step budget (the README's time-to-target table)."""
+KFAC_VENV = pathlib.Path(__file__).parent.parent / ".venv-kfac" / "bin" / "python"
+
+
+def _kfac_jax(point, seed: int, steps: int, every: int) -> list[dict] | None:
+    """kfac-jax 0.0.8 with the point's settings on the same init and batches (`make bench-peers` builds its
+    venv; without it the sweep has no peer rows). True labels on both sides (its ``fisher_empirical``).
+
+    Two runs: the same damping λ, and λ/B. kfac-jax's output-side factor of a mean loss carries one more 1/B
+    than curvplan's (Γ_kfac-jax = Γ/B), so its λ plays the part of curvplan's λ·B."""
+    if not KFAC_VENV.exists():
+        return None
+    script = pathlib.Path(__file__).parent / "peers" / "kfac_jax_w1.py"
+    runs = []
+    for label, damping in (("kfac-jax", point["damping"]), ("kfac-jax λ/B", point["damping"] / 256)):
+        cmd = [str(KFAC_VENV), str(script), "--curve", str(steps), "--eval-every", str(every), "--seed", str(seed),
+               "--damping", str(damping), "--inverse-every", "5", "--ema", "0.95", "--learning-rate", "0.1",
+               "--estimation-mode", "fisher_empirical"] + (["--adaptive"] if point["adaptive"] else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "peer": label})
+    return runs
+
+
+W1_TARGET, W3_TARGET = 0.0282, 2.5809
+"""AdamW's held-out loss at 60% of its budget (600 steps on W1, 300 on W3: the README's time-to-target tables)."""
 
 
 SWEEPS: dict[str, Sweep] = {
@@ -72,10 +98,15 @@ SWEEPS: dict[str, Sweep] = {
         about="CG trust radius (Steihaug-Toint) on ‖s‖ against the constant damping λ, learning rate 1."),
     "kfac_adaptive": Sweep(
         "w1", _kfac, {"adaptive": (False, True), "damping": (0.01, 0.1, 1.0)}, steps=400, seeds=(0, 1, 2),
-        target=W1_TARGET, eval_every=20, counters=("skipped",),
+        target=W1_TARGET, eval_every=20, counters=("skipped",), peer=_kfac_jax,
         about="K-FAC with its fixed learning rate 0.1 vs the quadratic-model step size and momentum "
               "(`adaptive=True`, damping adapted every 5 steps from the given initial value). AdamW reaches "
               f"the target {W1_TARGET} in 360 steps (median of 5 seeds)."),
+    "kfac_adaptive_w3": Sweep(
+        "w3", _kfac, {"adaptive": (False, True), "damping": (0.1,)}, steps=300, seeds=(0, 1, 2),
+        target=W3_TARGET, eval_every=20, counters=("skipped",),
+        about="K-FAC on the char transformer: fixed learning rate 0.1 vs `adaptive=True`. AdamW reaches the "
+              f"target {W3_TARGET} in 200 steps (median of 3 seeds)."),
 }
 
 
@@ -86,8 +117,8 @@ def _log(msg: str) -> None:
 def run_point(w, modules, sw: Sweep, steps: int, seed: int) -> dict[str, Any]:
     opt = cp.Optimizer(modules, **w.optimizer_kwargs())
     params = w.init(jax.random.key(seed))
-    state = opt.init(params)
     it = w.batches(seed)
+    state = opt.init(params, batch=next(w.batches(seed)))  # per-layer layouts read off the model (K-FAC)
     every = sw.eval_every or steps
     curve, counts, t0 = [], {c: 0 for c in sw.counters}, time.perf_counter()
     for start in range(0, steps, every):
@@ -104,6 +135,19 @@ def run_point(w, modules, sw: Sweep, steps: int, seed: int) -> dict[str, Any]:
             "steps_to_target": reached[0] if reached else None, **counts}
 
 
+def _row(point, runs, sw: Sweep) -> dict:
+    diverged = sum(r["test_loss"] is None or r["test_loss"] > sw.diverged for r in runs)
+    return {"point": point, "runs": runs, "diverged": diverged}
+
+
+def _from_curve(c: dict, sw: Sweep) -> dict:
+    """A peer's curve in the shape of `run_point`'s result (its counters are not reported)."""
+    curve = [(t, v if v is not None and math.isfinite(v) else None) for t, v in c["curve"]]
+    reached = [t for t, v in curve if sw.target is not None and v is not None and v <= sw.target]
+    return {"seed": c["seed"], "test_loss": curve[-1][1], "curve": curve,
+            "steps_to_target": reached[0] if reached else None, **{k: "-" for k in sw.counters}}
+
+
 def run_sweep(name: str, steps: int | None = None, seeds: tuple[int, ...] | None = None) -> dict:
     sw = SWEEPS[name]
     w = get_workload(sw.workload)
@@ -113,17 +157,24 @@ def run_sweep(name: str, steps: int | None = None, seeds: tuple[int, ...] | None
     rows = []
     for i, point in enumerate(points):
         runs = [run_point(w, sw.make(w, **point), sw, steps, s) for s in seeds]
-        diverged = sum(r["test_loss"] is None or r["test_loss"] > sw.diverged for r in runs)
-        rows.append({"point": point, "runs": runs, "diverged": diverged})
-        losses = ", ".join("nan" if r["test_loss"] is None else f"{r['test_loss']:.4g}" for r in runs)
-        _log(f"{i + 1}/{len(points)} {point}: test loss {losses}")
+        rows.append(_row(point, runs, sw))
+        new = 1
+        if sw.peer is not None:
+            per_seed = [sw.peer(point, s, steps, sw.eval_every or steps) for s in seeds]
+            if all(c is not None for c in per_seed):
+                for variant in zip(*per_seed):  # one row per peer configuration, its runs over seeds
+                    rows.append(_row({**point, "by": variant[0]["peer"]}, [_from_curve(c, sw) for c in variant], sw))
+                    new += 1
+        _log(f"{i + 1}/{len(points)} {point}: test loss " + "; ".join(
+            ", ".join("nan" if r["test_loss"] is None else f"{r['test_loss']:.4g}" for r in row["runs"])
+            for row in rows[-new:]))
     return {"sweep": name, "workload": sw.workload, "steps": steps, "seeds": list(seeds), "about": sw.about,
             "counters": list(sw.counters), "target": sw.target, "rows": rows, "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d")}
 
 
 def to_markdown(res: dict) -> str:
-    keys = list(res["rows"][0]["point"])
+    keys = list(dict.fromkeys(k for row in res["rows"] for k in row["point"]))
     target = res.get("target")
     head = keys + ["test loss per seed", *(["steps to target"] if target else []), *res["counters"], "diverged"]
     lines = [f"# Sweep `{res['sweep']}` on {res['workload']}: {res['steps']} steps, seeds {res['seeds']}", "",
@@ -133,7 +184,7 @@ def to_markdown(res: dict) -> str:
         losses = " / ".join("nan" if r["test_loss"] is None else f"{r['test_loss']:.3g}" for r in row["runs"])
         counts = [" / ".join(str(r[c]) for r in row["runs"]) for c in res["counters"]]
         ttt = [" / ".join("-" if r["steps_to_target"] is None else str(r["steps_to_target"]) for r in row["runs"])]
-        cells = [str(row["point"][k]) for k in keys] + [losses, *(ttt if target else []), *counts,
+        cells = [str(row["point"].get(k, "curvplan" if k == "by" else "")) for k in keys] + [losses, *(ttt if target else []), *counts,
                                                          f"{row['diverged']}/{len(row['runs'])}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -56,13 +56,15 @@ _LAZY = {
     "discover_layers": ("curvplan.runtime", "discover_layers"),
     "LayerReport": ("curvplan.runtime", "LayerReport"),
     "scao": ("curvplan.runtime", "scao"),
+    "enable_compilation_cache": ("curvplan.runtime", "enable_compilation_cache"),
 }
 
 if TYPE_CHECKING:  # the lazy names, visible to type checkers and IDEs
     from curvplan import lowering, modules, runtime
     from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
     from curvplan.modules import Module, presets
-    from curvplan.runtime import LayerReport, Optimizer, as_optax, discover_layers, restore, save, scao
+    from curvplan.runtime import (
+        LayerReport, Optimizer, as_optax, discover_layers, enable_compilation_cache, restore, save, scao)
 
 __all__ = [
     "Cadence", "Error", "ModuleSpec", "PlanDiff", "Quantity", "carried", "diff_plans", "fresh", "quantities",
@@ -71,7 +73,7 @@ __all__ = [
     "PlanError", "PlanVerifyError",
     # lazy (JAX) names, the keys of _LAZY
     "modules", "presets", "lowering", "runtime", "Module", "Objective", "PlanState", "StepInfo", "lower_plan",
-    "Optimizer", "as_optax", "save", "restore", "discover_layers", "LayerReport", "scao",
+    "Optimizer", "as_optax", "save", "restore", "discover_layers", "LayerReport", "scao", "enable_compilation_cache",
 ]
 assert set(_LAZY) <= set(__all__)
 

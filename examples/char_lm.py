@@ -143,4 +143,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    cp.enable_compilation_cache()  # the next run loads its programs from ~/.cache/curvplan/jax
     main()

@@ -19,11 +19,13 @@ from sklearn.datasets import load_digits
 
 
 def data(seed=0, n_train=1500):
+    """(train, test) as `curvplan.examples.digits.load_digits`: the same fixed shuffle and split."""
     d = load_digits()
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int32)
     perm = np.random.default_rng(seed).permutation(len(x))
-    return x[perm][:n_train], y[perm][:n_train]
+    x, y = x[perm], y[perm]
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
 def init(key, sizes=(64, 128, 128, 10)):
@@ -61,8 +63,15 @@ def main():
     ap.add_argument("--damping", type=float, default=0.1)
     ap.add_argument("--learning-rate", type=float, default=0.1)
     ap.add_argument("--estimation-mode", default="fisher_empirical")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="adaptive learning rate, momentum and damping (kfac-jax's defaults otherwise)")
+    ap.add_argument("--curve", type=int, default=0, help="train this many steps and print the held-out curve")
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    x, y = data()
+    if args.curve:
+        return curve(args)
+    (x, y), _ = data()
     opt = kfac_jax.Optimizer(
         value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0, use_adaptive_learning_rate=False,
         use_adaptive_momentum=False, use_adaptive_damping=False, num_burnin_steps=0,
@@ -104,6 +113,43 @@ def main():
         blocks.append(dt / n)
     print(json.dumps({"peer": "kfac-jax", "version": getattr(kfac_jax, "__version__", "0.0.8"),
                       "jax": jax.__version__, "sec_per_step": blocks, "warmup_s": warm, "loss": loss}))
+
+
+def curve(args):
+    """Held-out loss every ``eval_every`` steps from seed ``seed``'s init and batches (as `benchmarks.sweep`)."""
+    (x, y), (xt, yt) = data()
+    opt = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0, use_adaptive_learning_rate=args.adaptive,
+        use_adaptive_momentum=args.adaptive, use_adaptive_damping=args.adaptive, initial_damping=args.damping,
+        num_burnin_steps=0, inverse_update_period=args.inverse_every, curvature_ema=args.ema,
+        estimation_mode=args.estimation_mode, multi_device=False)
+    rng = np.random.default_rng(args.seed)
+
+    def batches():
+        while True:
+            perm = rng.permutation(len(x))
+            for i in range(0, len(x) - args.batch + 1, args.batch):
+                idx = perm[i:i + args.batch]
+                yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
+
+    def held_out(p):
+        logp = jax.nn.log_softmax(mlp(p, jnp.asarray(xt)))
+        return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(yt)[:, None], axis=-1)))
+
+    it = batches()
+    params = init(jax.random.key(args.seed))
+    key = jax.random.key(args.seed + 1)
+    state = opt.init(jax.tree.map(jnp.copy, params), key, next(batches()))
+    fixed = {} if args.adaptive else {"learning_rate": jnp.asarray(args.learning_rate),
+                                      "momentum": jnp.asarray(0.0), "damping": jnp.asarray(args.damping)}
+    points = []
+    for t in range(args.curve):
+        params, state, stats = opt.step(params, state, jax.random.fold_in(key, t), batch=next(it),
+                                        global_step_int=t, **fixed)
+        if (t + 1) % args.eval_every == 0:
+            points.append((t + 1, held_out(params)))
+    print(json.dumps({"peer": "kfac-jax", "version": getattr(kfac_jax, "__version__", "0.0.8"),
+                      "jax": jax.__version__, "seed": args.seed, "curve": points}))
 
 
 if __name__ == "__main__":

@@ -200,21 +200,46 @@ def test_negative_curvature_on_a_nonconvex_quadratic_does_not_give_nan(x64):
         assert np.all(np.isfinite(np.asarray(w1))) and not bool(info.skipped)
 
 
-def test_bounds_clip_the_coefficients(x64):
-    """α clipped to [0, 0.5] and β to [0, 0.1]: the update is −α_clip Δ + β_clip δ₋ and the model change is
-    evaluated at the clipped coefficients (numpy)."""
-    rng = np.random.default_rng(2)
+def _box_minimum(M, b, lo, hi):
+    """argmin ½cᵀMc + bᵀc over the box lo <= c <= hi (M positive definite), by trying every active set: the
+    free coordinates solve their sub-system with the others at a bound (numpy)."""
+    best, best_c = np.inf, None
+    for fix in ((), (0,), (1,), (0, 1)):
+        for sides in np.ndindex(*(2,) * len(fix)):
+            c = np.zeros(2)
+            for i, side in zip(fix, sides):
+                c[i] = (lo, hi)[side][i]
+            if not np.all(np.isfinite(c)):
+                continue  # no bound on that side
+            free = [i for i in range(2) if i not in fix]
+            if free:
+                c[free] = np.linalg.solve(M[np.ix_(free, free)], -(b[free] + M[np.ix_(free, fix)] @ c[list(fix)]))
+            if np.all(c >= lo - 1e-12) and np.all(c <= hi + 1e-12):
+                val = 0.5 * c @ M @ c + b @ c
+                if val < best:
+                    best, best_c = val, c
+    return best_c
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_bounded_momentum_gives_the_models_minimum_over_the_band(x64, seed):
+    """With β bounded and α free, the update is the minimizer of the model over the band (numpy's box QP by
+    active sets); with α bounded too, α is clipped after that. Seeds where a bound bites and where none does."""
+    rng = np.random.default_rng(seed)
     m = rng.standard_normal((4, 4))
     A = m @ m.T + np.eye(4)
     g, prev = rng.standard_normal(4), rng.standard_normal(4)
-    free = _apply(QuadraticStep(include_lambda=False), A, g, 0.1 * g, prev, 2)[2]
-    mod = QuadraticStep(include_lambda=False, alpha_bounds=(0.0, 0.5), beta_bounds=(0.0, 0.1))
-    upd, _, info = _apply(mod, A, g, 0.1 * g, prev, 2)
-    a_clip, b_clip = np.clip(free["alpha"], 0.0, 0.5), np.clip(free["beta"], 0.0, 0.1)
-    assert (a_clip, b_clip) != (free["alpha"], free["beta"])  # at least one bound bites
-    c, V = np.array([a_clip, b_clip]), np.stack([-0.1 * g, prev], axis=1)
-    np.testing.assert_allclose(upd, V @ c, rtol=1e-12)
-    np.testing.assert_allclose(info["model_change"], 0.5 * c @ V.T @ A @ V @ c + g @ V @ c, rtol=1e-12)
+    V = np.stack([-0.1 * g, prev], axis=1)
+    M, b = V.T @ A @ V, V.T @ g
+    lo, hi = np.array([-np.inf, 0.0]), np.array([np.inf, 0.3])
+    c = _box_minimum(M, b, lo, hi)
+    upd, _, info = _apply(QuadraticStep(include_lambda=False, beta_bounds=(0.0, 0.3)), A, g, 0.1 * g, prev, 2)
+    np.testing.assert_allclose([info["alpha"], info["beta"]], c, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(upd, V @ c, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(info["model_change"], 0.5 * c @ M @ c + b @ c, rtol=1e-10)
+    both = _apply(QuadraticStep(include_lambda=False, alpha_bounds=(0.0, 0.5), beta_bounds=(0.0, 0.3)),
+                  A, g, 0.1 * g, prev, 2)[2]
+    np.testing.assert_allclose([both["alpha"], both["beta"]], [np.clip(c[0], 0.0, 0.5), c[1]], rtol=1e-10)
 
 
 def test_consumes_follow_the_fields():
@@ -240,15 +265,15 @@ def test_config_errors_name_the_module(kw, match):
 
 
 def test_kfac_with_the_quadratic_step_trains_the_digits_mlp():
-    """``kfac(adaptive=True)`` is the adaptive-damping preset with `UpdateTail` swapped for
-    ``QuadraticStep(source="kfac")``: 40 steps on the digits MLP, every step after the first solved in 2-D, no
+    """``kfac(adaptive=True)`` is the adaptive-damping preset (kfac-jax's decay 0.9) with `UpdateTail` swapped
+    for ``QuadraticStep(source="kfac", beta_bounds=(0, 1))``: 40 steps on the digits MLP, every step after the first solved in 2-D, no
     step skipped, test loss below a tenth of the start."""
     from curvplan.examples.digits import batches, evaluate, init_mlp, load_digits, mlp
 
     (xtr, ytr), (xte, yte) = load_digits()
     mods = cp.presets.kfac(adaptive=True)
-    swapped = [QuadraticStep(source="kfac") if isinstance(m, UpdateTail) else m
-               for m in cp.presets.kfac(adapt_damping_every=5)]
+    swapped = [QuadraticStep(source="kfac", beta_bounds=(0.0, 1.0)) if isinstance(m, UpdateTail) else m
+               for m in cp.presets.kfac(adapt_damping_every=5, damping_decay=0.9)]
     assert not cp.diff_plans(cp.compile_plan(mods), cp.compile_plan(swapped))
     p = init_mlp(jax.random.key(0))
     start = float(evaluate(p, xte, yte)[0])

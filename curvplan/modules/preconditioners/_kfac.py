@@ -503,6 +503,7 @@ def kfac(
     labels: Literal["true", "sampled"] = "true",
     adapt_damping_every: int | None = None,
     adaptive: bool = False,
+    damping_decay: float | None = None,
     loss: Literal["ce", "mse"] = "ce",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
@@ -516,12 +517,15 @@ def kfac(
     ``adapt_damping_every=k`` makes the damping adaptive as kfac-jax does (Martens & Grosse §6.5): every k steps
     the gain ratio ρ of the applied update under the GGN quadratic model of ``loss`` (`GainRatio`, without the
     λ term) drives `TrustRegionDamping` from ``damping``, λ ×= ω on ρ > 3/4 and λ /= ω on ρ < 1/4 with
-    ω = (19/20)^k. Those steps also linearize the model (one GGN-vector product and one extra forward).
+    ω = ``damping_decay``^k (19/20 by default, the paper's). Those steps also linearize the model (one
+    GGN-vector product and one extra forward).
 
     ``adaptive=True`` is kfac-jax's adaptive configuration (adaptive learning rate, momentum and damping): the
-    step size α and momentum β of every step minimize the damped GGN quadratic model on span{−U, δ₋}
-    (`QuadraticStep`, two GGN-vector products a step), and the damping adapts every ``adapt_damping_every``
-    steps (5 unless given). ``learning_rate`` is then unused, and ``momentum``, ``weight_decay``, ``clip_norm``
+    step size α and momentum β of every step minimize the damped GGN quadratic model on span{−U, δ₋} with
+    0 ≤ β ≤ 1 (`QuadraticStep`, two GGN-vector products a step), and the damping adapts every ``adapt_damping_every``
+    steps (5 unless given) with ``damping_decay`` 0.9 unless given (kfac-jax's). On the digits MLP it reaches
+    AdamW's 360-step held-out loss in 40-120 steps from any initial damping in [0.01, 1] (3 of 3 seeds each;
+    ``python -m benchmarks.sweep kfac_adaptive``). ``learning_rate`` is then unused, and ``momentum``, ``weight_decay``, ``clip_norm``
     are refused (the model chooses the step).
 
     The per-layer state is laid out at ``init``. Give init an example batch (``opt.init(params, batch=b)``,
@@ -549,7 +553,12 @@ def kfac(
             raise ConfigError(f"kfac(adaptive=True) chooses its own step, so {', '.join(given)} would be ignored",
                               fix="drop " + ", ".join(f"{k}=" for k in given) + " or use adaptive=False")
         adapt_damping_every = adapt_damping_every or 5
-    tail = QuadraticStep(source="kfac") if adaptive else UpdateTail(
+        damping_decay = 0.9 if damping_decay is None else damping_decay
+    damping_decay = 19 / 20 if damping_decay is None else damping_decay
+    if not 0 < damping_decay < 1:
+        raise ConfigError(f"kfac(damping_decay={damping_decay}) must lie in (0, 1)",
+                          fix="give the per-step factor by which the damping may fall, e.g. 0.95")
+    tail = QuadraticStep(source="kfac", beta_bounds=(0.0, 1.0)) if adaptive else UpdateTail(
         learning_rate=learning_rate, source="kfac", momentum=momentum, weight_decay=weight_decay,
         clip_norm=clip_norm)
     adaptive_damping = adapt_damping_every is not None
@@ -562,7 +571,7 @@ def kfac(
         tail,
     ]
     if adaptive_damping:
-        omega = (19 / 20) ** adapt_damping_every
+        omega = damping_decay**adapt_damping_every
         mods += [GGN(loss=loss), GainRatio(every=adapt_damping_every, include_lambda=False),
                  TrustRegionDamping(lam0=damping, every=adapt_damping_every, increase=1 / omega, decrease=omega)]
     return mods

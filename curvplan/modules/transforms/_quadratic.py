@@ -42,7 +42,10 @@ class QuadraticStep(Module):
             minimizes the undamped model (then no damping module is needed).
         fallback_lr: α when the model has no minimizer along v₁ (negative curvature, a zero or non-finite
             product); kept small because nothing in the step says how far to go.
-        alpha_bounds, beta_bounds: optional ``(low, high)`` clips of α and β (off by default).
+        alpha_bounds, beta_bounds: optional ``(low, high)`` bounds on α and β (off by default). A β outside
+            its bounds is set to the nearer bound and α re-minimized for it, the model's minimizer over the
+            band when α is free; α is then clipped. ``beta_bounds=(0, 1)`` keeps the momentum recurrence
+            stable (the adaptive `kfac` preset uses it).
         fixed: ``(α, β)`` skips the solve (no curvature products, no ``%curv_op``): update = −αΔ + βδ₋, which
             is `UpdateTail(learning_rate=α, momentum=β)`; the model change is then not reported.
 
@@ -117,10 +120,14 @@ class QuadraticStep(Module):
         alpha = jnp.where(ok2, a2, jnp.where(ok1, a1, jnp.asarray(self.fallback_lr, dt)))
         beta = jnp.where(ok2, c2, jnp.zeros((), dt))
         how = jnp.where(ok2, SOLVED_2D, jnp.where(ok1, SOLVED_1D, FALLBACK_LR)).astype(jnp.int32)
+        if self.beta_bounds is not None:
+            # β held at its bound, α re-minimized: m is convex in α, so this is the minimizer over the band
+            clipped = jnp.clip(beta, *self.beta_bounds)
+            resolved = -(b1 + clipped * m12) / jnp.where(m11 > 0, m11, 1.0)
+            alpha = jnp.where((clipped != beta) & (m11 > 0) & jnp.isfinite(resolved), resolved, alpha)
+            beta = clipped
         if self.alpha_bounds is not None:
             alpha = jnp.clip(alpha, *self.alpha_bounds)
-        if self.beta_bounds is not None:
-            beta = jnp.clip(beta, *self.beta_bounds)
         change = 0.5 * (alpha * alpha * m11 + 2 * alpha * beta * m12 + beta * beta * m22) + alpha * b1 + beta * b2
         return alpha, beta, change, how
 
