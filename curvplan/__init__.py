@@ -64,7 +64,15 @@ if TYPE_CHECKING:  # the lazy names, visible to type checkers and IDEs
     from curvplan.lowering import Objective, PlanState, StepInfo, lower_plan
     from curvplan.modules import Module, presets
     from curvplan.runtime import (
-        LayerReport, Optimizer, as_optax, discover_layers, enable_compilation_cache, restore, save, scao)
+        LayerReport,
+        Optimizer,
+        as_optax,
+        discover_layers,
+        enable_compilation_cache,
+        restore,
+        save,
+        scao,
+    )
 
 __all__ = [
     "Cadence", "Error", "ModuleSpec", "PlanDiff", "Quantity", "carried", "diff_plans", "fresh", "quantities",
