@@ -70,7 +70,8 @@ def as_optax(
     Examples:
         >>> import jax, jax.numpy as jnp, optax, curvplan as cp
         >>> f = lambda w, b: jnp.sum((w - b) ** 2)
-        >>> tx = optax.chain(optax.clip_by_global_norm(10.0), cp.as_optax(cp.presets.newton_cg(lam=0.0), f))
+        >>> newton = cp.as_optax(cp.presets.newton_cg(lam=0.0, radius=None), f)  # the exact step: no radius
+        >>> tx = optax.chain(optax.clip_by_global_norm(10.0), newton)
         >>> w = jnp.zeros(2); state = tx.init(w)
         >>> g = jax.grad(f)(w, jnp.ones(2))
         >>> updates, state = tx.update(g, state, w, batch=jnp.ones(2))

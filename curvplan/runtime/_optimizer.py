@@ -42,7 +42,8 @@ class Optimizer:
 
     Examples:
         >>> import jax, jax.numpy as jnp, curvplan as cp
-        >>> opt = cp.Optimizer(cp.presets.newton_cg(lam=0.0), loss_fn=lambda w, b: jnp.sum((w - b) ** 2))
+        >>> opt = cp.Optimizer(cp.presets.newton_cg(lam=0.0, radius=None),
+        ...                    loss_fn=lambda w, b: jnp.sum((w - b) ** 2))
         >>> w = jnp.zeros(3); state = opt.init(w)
         >>> w, state, info = opt.step(w, state, jnp.ones(3))
         >>> [float(x) for x in w], int(info.cg_iters)
