@@ -525,8 +525,8 @@ def kfac(
     0 ≤ β ≤ 1 (`QuadraticStep`, two GGN-vector products a step), and the damping adapts every ``adapt_damping_every``
     steps (5 unless given) with ``damping_decay`` 0.9 unless given (kfac-jax's). On the digits MLP it reaches
     AdamW's 360-step held-out loss in 40-100 steps from any initial damping in [0.01, 1] (3 of 3 seeds each;
-    ``python -m benchmarks.sweep kfac_adaptive``). ``learning_rate`` is then unused, and ``momentum``, ``weight_decay``, ``clip_norm``
-    are refused (the model chooses the step).
+    ``python -m benchmarks.sweep kfac_adaptive``). ``learning_rate`` is then unused, and ``momentum``,
+    ``weight_decay``, ``clip_norm`` are refused (the model chooses the step).
 
     The per-layer state is laid out at ``init``. Give init an example batch (``opt.init(params, batch=b)``,
     ``cp.as_optax(..., example_batch=b)``) and the layers are read off the traced model: flax ``(in, out)`` and
