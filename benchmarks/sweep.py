@@ -25,7 +25,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any
@@ -35,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import curvplan as cp  # noqa: E402
-from benchmarks.run import RESULTS  # noqa: E402
+from benchmarks.run import RESULTS, _log  # noqa: E402
 from benchmarks.workloads import get_workload  # noqa: E402
 
 
@@ -77,9 +76,11 @@ def _kfac_jax(point, seed: int, steps: int, every: int) -> list[dict] | None:
     if not KFAC_VENV.exists():
         return None
     script = pathlib.Path(__file__).parent / "peers" / "kfac_jax_w1.py"
+    batch = get_workload("w1").batch_size
     runs = []
-    for label, damping in (("kfac-jax", point["damping"]), ("kfac-jax λ/B", point["damping"] / 256)):
+    for label, damping in (("kfac-jax", point["damping"]), ("kfac-jax λ/B", point["damping"] / batch)):
         cmd = [str(KFAC_VENV), str(script), "--curve", str(steps), "--eval-every", str(every), "--seed", str(seed),
+               "--batch", str(batch),
                "--damping", str(damping), "--inverse-every", "5", "--ema", "0.95", "--learning-rate", "0.1",
                "--estimation-mode", "fisher_empirical"] + (["--adaptive"] if point["adaptive"] else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -110,10 +111,6 @@ SWEEPS: dict[str, Sweep] = {
 }
 
 
-def _log(msg: str) -> None:
-    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def run_point(w, modules, sw: Sweep, steps: int, seed: int) -> dict[str, Any]:
     opt = cp.Optimizer(modules, **w.optimizer_kwargs())
     params = w.init(jax.random.key(seed))
@@ -127,25 +124,21 @@ def run_point(w, modules, sw: Sweep, steps: int, seed: int) -> dict[str, Any]:
         params, state, infos = opt.run(params, state, batches, jax.random.fold_in(jax.random.key(seed + 1), start))
         for c in sw.counters:
             counts[c] += int(np.sum(np.asarray(getattr(infos, c))))
-        curve.append((start + n, w.eval_loss(params)))
-    loss = curve[-1][1]
-    reached = [t for t, v in curve if sw.target is not None and v <= sw.target]
-    return {"seed": seed, "test_loss": loss if math.isfinite(loss) else None, "seconds": time.perf_counter() - t0,
-            "curve": [(t, v if math.isfinite(v) else None) for t, v in curve],
-            "steps_to_target": reached[0] if reached else None, **counts}
+            curve.append((start + n, w.eval_loss(params)))
+    return _result(seed, curve, sw, {"seconds": time.perf_counter() - t0, **counts})
+
+
+def _result(seed: int, curve: list, sw: Sweep, extra: dict) -> dict[str, Any]:
+    """One run: its held-out curve (a non-finite loss as None), final loss and first step at the target."""
+    curve = [(t, v if v is not None and math.isfinite(v) else None) for t, v in curve]
+    reached = [t for t, v in curve if sw.target is not None and v is not None and v <= sw.target]
+    return {"seed": seed, "test_loss": curve[-1][1], "curve": curve, "steps_to_target": reached[0] if reached else None,
+            **extra}
 
 
 def _row(point, runs, sw: Sweep) -> dict:
     diverged = sum(r["test_loss"] is None or r["test_loss"] > sw.diverged for r in runs)
     return {"point": point, "runs": runs, "diverged": diverged}
-
-
-def _from_curve(c: dict, sw: Sweep) -> dict:
-    """A peer's curve in the shape of `run_point`'s result (its counters are not reported)."""
-    curve = [(t, v if v is not None and math.isfinite(v) else None) for t, v in c["curve"]]
-    reached = [t for t, v in curve if sw.target is not None and v is not None and v <= sw.target]
-    return {"seed": c["seed"], "test_loss": curve[-1][1], "curve": curve,
-            "steps_to_target": reached[0] if reached else None, **{k: "-" for k in sw.counters}}
 
 
 def run_sweep(name: str, steps: int | None = None, seeds: tuple[int, ...] | None = None) -> dict:
@@ -163,7 +156,7 @@ def run_sweep(name: str, steps: int | None = None, seeds: tuple[int, ...] | None
             per_seed = [sw.peer(point, s, steps, sw.eval_every or steps) for s in seeds]
             if all(c is not None for c in per_seed):
                 for variant in zip(*per_seed):  # one row per peer configuration, its runs over seeds
-                    rows.append(_row({**point, "by": variant[0]["peer"]}, [_from_curve(c, sw) for c in variant], sw))
+                    rows.append(_row({**point, "by": variant[0]["peer"]}, [_result(c["seed"], c["curve"], sw, {k: "-" for k in sw.counters}) for c in variant], sw))
                     new += 1
         _log(f"{i + 1}/{len(points)} {point}: test loss " + "; ".join(
             ", ".join("nan" if r["test_loss"] is None else f"{r['test_loss']:.4g}" for r in row["runs"])

@@ -28,6 +28,17 @@ def data(seed=0, n_train=1500):
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
+def batches(x, y, size, seed):
+    """Shuffled minibatches as `benchmarks.workloads.Workload.batches`: one permutation per epoch from
+    ``default_rng(seed)``, so a seed gives curvplan's batch sequence."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(len(x))
+        for i in range(0, len(x) - size + 1, size):
+            idx = perm[i:i + size]
+            yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
+
+
 def init(key, sizes=(64, 128, 128, 10)):
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -77,16 +88,7 @@ def main():
         use_adaptive_momentum=False, use_adaptive_damping=False, num_burnin_steps=0,
         inverse_update_period=args.inverse_every, curvature_ema=args.ema, estimation_mode=args.estimation_mode,
         multi_device=False)
-    rng = np.random.default_rng(0)
-
-    def batches():
-        while True:
-            perm = rng.permutation(len(x))
-            for i in range(0, len(x) - args.batch + 1, args.batch):
-                idx = perm[i:i + args.batch]
-                yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
-
-    it = batches()
+    it = batches(x, y, args.batch, 0)
     key = jax.random.key(0) if hasattr(jax.random, "key") else jax.random.PRNGKey(0)
     params = init(key)
     state = opt.init(jax.tree.map(jnp.copy, params), key, next(it))
@@ -123,23 +125,15 @@ def curve(args):
         use_adaptive_momentum=args.adaptive, use_adaptive_damping=args.adaptive, initial_damping=args.damping,
         num_burnin_steps=0, inverse_update_period=args.inverse_every, curvature_ema=args.ema,
         estimation_mode=args.estimation_mode, multi_device=False)
-    rng = np.random.default_rng(args.seed)
-
-    def batches():
-        while True:
-            perm = rng.permutation(len(x))
-            for i in range(0, len(x) - args.batch + 1, args.batch):
-                idx = perm[i:i + args.batch]
-                yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
 
     def held_out(p):
         logp = jax.nn.log_softmax(mlp(p, jnp.asarray(xt)))
         return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(yt)[:, None], axis=-1)))
 
-    it = batches()
+    it = batches(x, y, args.batch, args.seed)
     params = init(jax.random.key(args.seed))
     key = jax.random.key(args.seed + 1)
-    state = opt.init(jax.tree.map(jnp.copy, params), key, next(batches()))
+    state = opt.init(jax.tree.map(jnp.copy, params), key, next(batches(x, y, args.batch, args.seed)))
     fixed = {} if args.adaptive else {"learning_rate": jnp.asarray(args.learning_rate),
                                       "momentum": jnp.asarray(0.0), "damping": jnp.asarray(args.damping)}
     points = []

@@ -130,12 +130,12 @@ def _ctx():
     return Context(step=jnp.zeros((), jnp.int32), rng=None, params=None, batch=None, objective=None, module="qs")
 
 
-def _apply(mod, A, g, delta, prev, count, lam=0.0):
+def _apply(mod, A, g, delta, prev, lam=0.0):
     A = jnp.asarray(A)
     inputs = {"direction": jnp.asarray(delta), "grad": jnp.asarray(g), "op": LinearOperator(lambda v: A @ v)}
     if mod.include_lambda:
         inputs["lam"] = jnp.asarray(lam)
-    state = mod.init(jnp.asarray(delta), None)._replace(previous=jnp.asarray(prev), count=jnp.asarray(count))
+    state = mod.init(jnp.asarray(delta), None)._replace(previous=jnp.asarray(prev))
     out, new_state, info = mod.apply(Inputs(inputs, "qs"), state, _ctx())
     return np.asarray(out["update"]), new_state, {k: np.asarray(v) for k, v in info.items()}
 
@@ -146,13 +146,12 @@ def test_first_step_uses_the_one_dimensional_solve(x64):
     m = rng.standard_normal((5, 5))
     A = m @ m.T
     g, delta, lam = rng.standard_normal(5), rng.standard_normal(5), 0.2
-    upd, state, info = _apply(QuadraticStep(), A, g, delta, np.zeros(5), 0, lam)
+    upd, state, info = _apply(QuadraticStep(), A, g, delta, np.zeros(5), lam)
     alpha = (g @ delta) / (delta @ (A + lam * np.eye(5)) @ delta)
     np.testing.assert_allclose(info["alpha"], alpha, rtol=1e-12)
     assert info["beta"] == 0.0 and info["quad_fallback"] == 1
     np.testing.assert_allclose(upd, -alpha * delta, rtol=1e-12)
     np.testing.assert_allclose(np.asarray(state.previous), upd, rtol=0)
-    assert int(state.count) == 1
 
 
 @pytest.mark.parametrize("case", ["indefinite_2d", "parallel", "negative_curvature", "nan_operator"])
@@ -169,7 +168,7 @@ def test_fallbacks_give_finite_steps(x64, case):
     if case == "nan_operator":
         A = np.full((2, 2), np.nan)
     mod = QuadraticStep(include_lambda=False, fallback_lr=0.01)
-    upd, _, info = _apply(mod, A, g, delta, prev, 3)
+    upd, _, info = _apply(mod, A, g, delta, prev)
     assert np.all(np.isfinite(upd))
     if case in ("indefinite_2d", "parallel"):
         alpha = (g @ delta) / (delta @ A @ delta)
@@ -233,12 +232,12 @@ def test_a_bounded_momentum_gives_the_models_minimum_over_the_band(x64, seed):
     M, b = V.T @ A @ V, V.T @ g
     lo, hi = np.array([-np.inf, 0.0]), np.array([np.inf, 0.3])
     c = _box_minimum(M, b, lo, hi)
-    upd, _, info = _apply(QuadraticStep(include_lambda=False, beta_bounds=(0.0, 0.3)), A, g, 0.1 * g, prev, 2)
+    upd, _, info = _apply(QuadraticStep(include_lambda=False, beta_bounds=(0.0, 0.3)), A, g, 0.1 * g, prev)
     np.testing.assert_allclose([info["alpha"], info["beta"]], c, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(upd, V @ c, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(info["model_change"], 0.5 * c @ M @ c + b @ c, rtol=1e-10)
     both = _apply(QuadraticStep(include_lambda=False, alpha_bounds=(0.0, 0.5), beta_bounds=(0.0, 0.3)),
-                  A, g, 0.1 * g, prev, 2)[2]
+                  A, g, 0.1 * g, prev)[2]
     np.testing.assert_allclose([both["alpha"], both["beta"]], [np.clip(c[0], 0.0, 0.5), c[1]], rtol=1e-10)
 
 

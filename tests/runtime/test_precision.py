@@ -27,18 +27,23 @@ def mlp(p, x):
     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
 
 
-@pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("preset", PRESETS)
-def test_bf16_params_float32_state_20_steps(preset):
+def _train(preset: str, dtype, steps: int):
+    """``steps`` scanned steps of ``preset`` on a tanh MLP with ``dtype`` parameters and inputs, one batch."""
     k = jax.random.split(jax.random.key(0), 3)
-    params = {"w1": (jax.random.normal(k[0], (8, 16)) / 3).astype(jnp.bfloat16), "b1": jnp.zeros(16, jnp.bfloat16),
-              "w2": (jax.random.normal(k[1], (16, 4)) / 4).astype(jnp.bfloat16)}
-    x, y = jax.random.normal(k[2], (32, 8)).astype(jnp.bfloat16), jnp.arange(32, dtype=jnp.int32) % 4
+    params = {"w1": (jax.random.normal(k[0], (8, 16)) / 3).astype(dtype), "b1": jnp.zeros(16, dtype),
+              "w2": (jax.random.normal(k[1], (16, 4)) / 4).astype(dtype)}
+    x, y = jax.random.normal(k[2], (32, 8)).astype(dtype), jnp.arange(32, dtype=jnp.int32) % 4
     opt = cp.Optimizer(getattr(cp.presets, preset)(**({"loss": "ce"} if preset in GGN else {})), model_fn=mlp,
                        loss="ce")
     state = opt.init(params, jax.random.key(1))
-    batches = (jnp.broadcast_to(x, (20,) + x.shape), jnp.broadcast_to(y, (20,) + y.shape))
-    p, state, infos = opt.run(params, state, batches, jax.random.key(2))
+    batches = (jnp.broadcast_to(x, (steps,) + x.shape), jnp.broadcast_to(y, (steps,) + y.shape))
+    return opt.run(params, state, batches, jax.random.key(2))
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_params_float32_state_20_steps(preset):
+    p, state, infos = _train(preset, jnp.bfloat16, 20)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p))
     floating = [a.dtype for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.floating)]
     assert floating and all(dt == jnp.float32 for dt in floating), sorted({str(d) for d in floating})
@@ -56,14 +61,6 @@ def test_state_dtype_rule():
 def test_float32_params_stay_float32_with_x64_on(preset):
     """x64 on makes Python scalars float64 arrays where they are not weakly typed: no hyperparameter or damping
     λ may promote a float32 model's parameters or state."""
-    k = jax.random.split(jax.random.key(0), 3)
-    params = {"w1": jax.random.normal(k[0], (8, 16), jnp.float32) / 3, "b1": jnp.zeros(16, jnp.float32),
-              "w2": jax.random.normal(k[1], (16, 4), jnp.float32) / 4}
-    x, y = jax.random.normal(k[2], (32, 8), jnp.float32), jnp.arange(32, dtype=jnp.int32) % 4
-    opt = cp.Optimizer(getattr(cp.presets, preset)(**({"loss": "ce"} if preset in GGN else {})), model_fn=mlp,
-                       loss="ce")
-    state = opt.init(params, jax.random.key(1))
-    batches = (jnp.broadcast_to(x, (3,) + x.shape), jnp.broadcast_to(y, (3,) + y.shape))
-    p, state, infos = opt.run(params, state, batches, jax.random.key(2))
+    p, state, infos = _train(preset, jnp.float32, 3)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p))
     assert int(state.skipped) == 0 and np.all(np.isfinite(np.asarray(infos.loss)))

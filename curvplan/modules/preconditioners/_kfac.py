@@ -553,8 +553,8 @@ def kfac(
             raise ConfigError(f"kfac(adaptive=True) chooses its own step, so {', '.join(given)} would be ignored",
                               fix="drop " + ", ".join(f"{k}=" for k in given) + " or use adaptive=False")
         adapt_damping_every = adapt_damping_every or 5
-        damping_decay = 0.9 if damping_decay is None else damping_decay
-    damping_decay = 19 / 20 if damping_decay is None else damping_decay
+    if damping_decay is None:
+        damping_decay = 0.9 if adaptive else 19 / 20  # kfac-jax's / the paper's
     if not 0 < damping_decay < 1:
         raise ConfigError(f"kfac(damping_decay={damping_decay}) must lie in (0, 1)",
                           fix="give the per-step factor by which the damping may fall, e.g. 0.95")

@@ -201,7 +201,8 @@ class CG(Module):
         precond = None
         if self.precondition:
             d = inputs.diag
-            precond = lambda r: jax.tree.map(lambda ri, di: ri / (jnp.maximum(di, 0) + jnp.asarray(lam, ri.dtype) + 1e-8), r, d)  # noqa
+            precond = lambda r: jax.tree.map(  # noqa: E731  (λ in each leaf's dtype, as in `LinearOperator.damped`)
+                lambda ri, di: ri / (jnp.maximum(di, 0) + jnp.asarray(lam, ri.dtype) + 1e-8), r, d)
         x0 = None
         if self.warm_start:
             x0 = jax.tree.map(lambda x: self.warm_start_decay * x, state.x) if self.warm_start_decay != 1.0 \

@@ -18,10 +18,9 @@ SOLVED_2D, SOLVED_1D, FALLBACK_LR = 0, 1, 2
 
 
 class QuadraticStepState(NamedTuple):
-    """The update this module produced last step (zeros before the first) and how many steps it has run."""
+    """The update this module produced last step (zeros before the first: then M₂₂ = 0 and the 1-D solve runs)."""
 
     previous: Any
-    count: jax.Array
 
 
 class QuadraticStep(Module):
@@ -53,7 +52,7 @@ class QuadraticStep(Module):
     >>> QuadraticStep(source="kfac").input_names()
     ('direction', 'grad', 'op', 'lam')
     >>> QuadraticStep(fixed=(0.1, 0.9)).input_names(), QuadraticStep().state_names()
-    (('direction',), ('previous', 'count'))
+    (('direction',), ('previous',))
     """
 
     kind: Literal["quadratic_step"] = "quadratic_step"
@@ -93,25 +92,22 @@ class QuadraticStep(Module):
         return {"update": q.update()}
 
     def init(self, params, ctx) -> QuadraticStepState:
-        return QuadraticStepState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+        return QuadraticStepState(jax.tree.map(jnp.zeros_like, params))
 
-    def _coefficients(self, inputs, v1, v2, first):
+    def _coefficients(self, inputs, v1, v2):
         """(α, β, model change, how found) minimizing the model on span{v1, v2} (see the class docstring)."""
         vdot = optax.tree.vdot
-        lam = inputs.lam if self.include_lambda else 0.0
-        g, op = inputs.grad, inputs.op
-        cv1, cv2 = op.mv(v1), op.mv(v2)
-        m11 = vdot(v1, cv1) + lam * vdot(v1, v1)
-        m22 = vdot(v2, cv2) + lam * vdot(v2, v2)
-        m12 = 0.5 * (vdot(v1, cv2) + vdot(v2, cv1)) + lam * vdot(v1, v2)
-        b1, b2 = vdot(g, v1), vdot(g, v2)
+        op = inputs.op.damped(inputs.lam) if self.include_lambda else inputs.op
+        av1, av2 = op.mv(v1), op.mv(v2)
+        m11, m22, m12 = vdot(v1, av1), vdot(v2, av2), 0.5 * (vdot(v1, av2) + vdot(v2, av1))
+        b1, b2 = vdot(inputs.grad, v1), vdot(inputs.grad, v2)
         dt = jnp.result_type(m11, m22, m12, b1, b2)
         m11, m22, m12, b1, b2 = (jnp.asarray(x, dt) for x in (m11, m22, m12, b1, b2))
         # positive definite, and not so close to singular (v1, v2 nearly parallel in the M metric) that
         # rounding decides the answer: det / (M11 M22) = 1 − cos² of their angle
         det = m11 * m22 - m12 * m12
         rel_floor = jnp.sqrt(jnp.finfo(dt).eps)
-        ok2 = (~first) & (m11 > 0) & (m22 > 0) & (det > rel_floor * m11 * m22)
+        ok2 = (m11 > 0) & (m22 > 0) & (det > rel_floor * m11 * m22)  # m22 = 0 before the first update
         safe_det = jnp.where(ok2, det, 1.0)
         a2, c2 = (-b1 * m22 + b2 * m12) / safe_det, (-b2 * m11 + b1 * m12) / safe_det
         ok2 = ok2 & jnp.isfinite(a2) & jnp.isfinite(c2)
@@ -138,9 +134,9 @@ class QuadraticStep(Module):
             info = {"alpha": alpha, "beta": beta}
         else:
             v1 = jax.tree.map(jnp.negative, d)
-            alpha, beta, change, how = self._coefficients(inputs, v1, prev, state.count == 0)
+            alpha, beta, change, how = self._coefficients(inputs, v1, prev)
             info = {"alpha": alpha, "beta": beta, "model_change": change, "quad_fallback": how}
         new = jax.tree.map(lambda di, pi: -alpha * di + beta * pi, d, prev)
         update = jax.tree.map(lambda u, di: u.astype(di.dtype), new, d)
         kept = jax.tree.map(lambda u, pi: u.astype(pi.dtype), new, prev)
-        return {"update": update}, QuadraticStepState(kept, state.count + 1), info
+        return {"update": update}, QuadraticStepState(kept), info
