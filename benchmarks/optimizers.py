@@ -35,7 +35,7 @@ class Runner:
         period: the cost repeats every ``period`` steps (time and FLOPs are averaged over whole periods).
         programs: ``(params, state, batch, key) -> [(weight, jitted_fn, args)]``: the compiled programs one
             period runs and the fraction of steps each runs, for `cost_analysis`.
-        n_programs: number of distinct compiled programs (phases); plan: the curvplan plan, if any.
+        n_programs: number of distinct compiled programs (`Plan.programs`); plan: the curvplan plan, if any.
     """
 
     name: str
@@ -75,18 +75,18 @@ def curvplan_runner(name: str, modules: list, w: Workload, *, optimize: bool = T
         params, state, info = opt.step(params, state, batch, key)
         return params, state, info.loss
 
-    def programs(params, state, batch, key):
+    def programs(params, state, batch, key):  # each phase's specialised program: XLA counts a cond's costlier branch
         steps = range(plan.prefix, plan.prefix + plan.period)
         out = []
-        for i, fn in enumerate(opt._jitted):
+        for i in range(len(plan.phases)):
             weight = sum(plan.phase_of(t) == i for t in steps) / plan.period
             if weight:
-                out.append((weight, fn, (params, state, batch, key)))
+                out.append((weight, opt._phase_jit(i), (params, state, batch, key)))
         return out
 
     label = f"curvplan {name}" + ("" if optimize else " (unplanned)")
     return Runner(f"{name}{'' if optimize else ':unplanned'}", label, lambda p, k: opt.init(p, k), step,
-                  period=plan.period, programs=programs, n_programs=len(plan.phases), plan=plan,
+                  period=plan.period, programs=programs, n_programs=len(plan.programs), plan=plan,
                   warmup_steps=plan.prefix + plan.period + 1,
                   extra={"optimizer": opt}, scan=lambda p, s, bs, k: opt.run(p, s, bs, k)[:2])
 

@@ -97,7 +97,7 @@ def suite_ablation(workload: str | None, steps: int, repeats: int, methods: list
         ca, cb = measure.cost(a, w), measure.cost(b, w)
         low = measure.unplanned_flops_lower_bound(b, w, range(a.plan.prefix, a.plan.prefix + a.plan.period))
         rows.append({
-            "method": m, "workload": w.name, "period": a.period, "phases": a.n_programs,
+            "method": m, "workload": w.name, "period": a.period, "programs": a.n_programs,
             "time_planned": times["planned"], "time_unplanned": times["unplanned"],
             "time_ratio": measure.ratio_stats(times["planned"], times["unplanned"]),
             "loop_planned": loop["planned"], "loop_unplanned": loop["unplanned"],
@@ -131,7 +131,7 @@ def suite_peers(workload: str | None, steps: int, repeats: int, methods: list[st
         row = {
             "method": m, "workload": w.name, "peer": peer.label, "time_curvplan": times["curvplan"],
             "time_peer": times["peer"], "time_ratio": measure.ratio_stats(times["curvplan"], times["peer"]),
-            "flops_curvplan": co["flops"], "flops_peer": cpeer["flops"], "phases": ours.n_programs,
+            "flops_curvplan": co["flops"], "flops_peer": cpeer["flops"], "programs": ours.n_programs,
         }
         if ours.scan is not None and peer.scan is not None:
             sc = measure.interleaved_scan_times({"curvplan": ours, "peer": peer}, w, steps=steps, repeats=repeats)
@@ -174,7 +174,7 @@ def suite_kfac(steps: int, repeats: int) -> list[dict]:
     co = measure.cost(ours, w)
     return [{"method": "kfac", "workload": "w1", "peer": "kfac-jax 0.0.8 (jax 0.9.1, subprocess)",
              "time_curvplan": a, "time_peer": b, "time_ratio": measure.ratio_stats(a, b),
-             "flops_curvplan": co["flops"], "flops_peer": float("nan"), "phases": ours.n_programs}]
+             "flops_curvplan": co["flops"], "flops_peer": float("nan"), "programs": ours.n_programs}]
 
 
 def suite_vs_adamw(workload: str, steps: int, repeats: int, methods: list[str]) -> list[dict]:
@@ -298,11 +298,11 @@ def markdown(result: dict) -> str:
         lines += ["**Planning ablation** (same composition, `optimize=True` vs `optimize=False`; per-step time "
                   "ratio median (min-max) over interleaved repeats, per host-dispatched step and inside one "
                   "compiled `lax.scan` loop; FLOPs from XLA cost analysis, per step averaged over one period)", "",
-                  "| composition | workload | phases | ms/step planned | ms/step unplanned | time ratio (step) | "
+                  "| composition | workload | programs | ms/step planned | ms/step unplanned | time ratio (step) | "
                   "time ratio (loop) | FLOP ratio (vs XLA count / vs cond lower bound) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in result["ablation"]:
-            lines.append(f"| {r['method']} | {r['workload']} | {r['phases']} | {r['time_planned']['median'] * 1e3:.2f} | "
+            lines.append(f"| {r['method']} | {r['workload']} | {r['programs']} | {r['time_planned']['median'] * 1e3:.2f} | "
                          f"{r['time_unplanned']['median'] * 1e3:.2f} | {_fmt_ratio(r['time_ratio'])} | "
                          f"{_fmt_ratio(r['loop_ratio'])} | {r['flop_ratio']:.3f} / {r['flop_ratio_vs_lower']:.3f} |")
         lines.append("")
@@ -422,7 +422,7 @@ def validate(result: dict) -> None:
     for r in result.get("ablation", []):
         assert len(r["time_planned"]["samples"]) >= 1 and all(s > 0 for s in r["time_planned"]["samples"]), r
         assert r["flops_planned"] > 0 and r["flops_unplanned_xla"] > 0, r
-        assert r["phases"] >= 1 and r["explanation"], r
+        assert r["programs"] >= 1 and r["explanation"], r
         assert all(x > 0 for x in r["loop_planned"]["samples"] + r["loop_unplanned"]["samples"]), r
     for r in result.get("peers", []):
         assert "error" in r or r["time_ratio"]["median"] > 0, r

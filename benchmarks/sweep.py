@@ -3,6 +3,8 @@
     python -m benchmarks.sweep cg_radius              # Newton-CG / Gauss-Newton-CG trust radius x damping, W1
     python -m benchmarks.sweep kfac_adaptive          # K-FAC: fixed lr vs the quadratic-model step, W1, + kfac-jax
     python -m benchmarks.sweep kfac_adaptive_w3       # the same on the W3 char transformer
+    python -m benchmarks.sweep adahessian             # AdaHessian learning rate, W1, to the AdamW target
+    python -m benchmarks.sweep gauss_newton_cg        # Gauss-Newton-CG damping x radius, W1, to the target
     python -m benchmarks.sweep cg_radius --steps 50 --seeds 0 1
 
 Each point of a sweep's grid is one preset configuration, trained from each seed's initialisation on that
@@ -103,6 +105,18 @@ SWEEPS: dict[str, Sweep] = {
         about="K-FAC with its fixed learning rate 0.1 vs the quadratic-model step size and momentum "
               "(`adaptive=True`, damping adapted every 5 steps from the given initial value). AdamW reaches "
               f"the target {W1_TARGET} in 360 steps (median of 5 seeds)."),
+    "adahessian": Sweep(
+        "w1", lambda w, **kw: cp.presets.adahessian(hessian_every=10, **kw),
+        {"learning_rate": (0.003, 0.01, 0.03, 0.1, 0.3)}, steps=600, seeds=(0, 1, 2), target=W1_TARGET,
+        eval_every=20, counters=("skipped",),
+        about="AdaHessian (Hessian diagonal every 10 steps) over its learning rate. AdamW reaches the target "
+              f"{W1_TARGET} in 360 steps (median of 5 seeds)."),
+    "gauss_newton_cg": Sweep(
+        "w1", lambda w, **kw: cp.presets.gauss_newton_cg(loss=w.loss_kind, maxiter=10, **kw),
+        {"lam": (0.01, 0.1, 1.0), "radius": (1.0, 3.0)}, steps=600, seeds=(0, 1, 2), target=W1_TARGET,
+        eval_every=20, counters=("cg_radius_reached",),
+        about="Gauss-Newton-CG (10 CG iterations, learning rate 1) over the damping λ and the CG trust radius. "
+              f"AdamW reaches the target {W1_TARGET} in 360 steps (median of 5 seeds)."),
     "kfac_adaptive_w3": Sweep(
         "w3", _kfac, {"adaptive": (False, True), "damping": (0.1,)}, steps=300, seeds=(0, 1, 2),
         target=W3_TARGET, eval_every=20, counters=("skipped",),
@@ -124,7 +138,7 @@ def run_point(w, modules, sw: Sweep, steps: int, seed: int) -> dict[str, Any]:
         params, state, infos = opt.run(params, state, batches, jax.random.fold_in(jax.random.key(seed + 1), start))
         for c in sw.counters:
             counts[c] += int(np.sum(np.asarray(getattr(infos, c))))
-            curve.append((start + n, w.eval_loss(params)))
+        curve.append((start + n, w.eval_loss(params)))
     return _result(seed, curve, sw, {"seconds": time.perf_counter() - t0, **counts})
 
 

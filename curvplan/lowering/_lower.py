@@ -1,10 +1,12 @@
-"""Plan -> JAX programs: one program per phase over one shared state structure and one `StepInfo` schema.
+"""Plan -> JAX programs over one shared state structure and one `StepInfo` schema.
 
 `lower_plan(plan, objective)` returns a `LoweredPlan` with
 
 - ``init(params, rng=None) -> PlanState``;
-- ``phase_fns[i](params, state, batch, rng, given) -> (updates, state, info)``, one per phase;
-- ``switch(params, state, batch, rng, given)``: ``lax.switch`` over the phases keyed by ``state.step``.
+- ``program_fns[k](params, state, batch, rng, given) -> (updates, state, info)``, one per group of
+  `Plan.programs` (phases with one provider pass; their differing module work under ``lax.cond``);
+- ``phase_fns[i]``, the same for phase ``i`` alone: its specialised program (cost analysis reads these);
+- ``switch(params, state, batch, rng, given)``: ``lax.switch`` over the programs keyed by ``state.step``.
 
 An unplanned plan (``optimize=False``) has one phase whose module ops carry guards; each guarded module runs
 under ``lax.cond`` on its cadence, as hand-wired code would.
@@ -207,7 +209,8 @@ class LoweredPlan:
         self.run_table = {
             lbl: np.asarray([(mask >> t) & 1 for t in range(window)], dtype=bool) for lbl, mask in plan.run.items()
         }
-        self.phase_fns: tuple[Callable, ...] = tuple(self._phase_fn(ph) for ph in plan.phases)
+        self.phase_fns: tuple[Callable, ...] = tuple(self._program_fn((ph.index,)) for ph in plan.phases)
+        self.program_fns: tuple[Callable, ...] = tuple(self._program_fn(g) for g in plan.programs)
         self.guard_override: dict[str, bool] | None = None
         """For cost analysis of the unplanned baseline: module -> take (True) / skip (False) its guard
         statically instead of ``lax.cond`` (XLA's cost analysis counts a cond's costliest branch)."""
@@ -336,57 +339,87 @@ class LoweredPlan:
             )
         return {label: BlockMap(mesh, pl.block_axes) for label in pl.blockwise}
 
-    # -- one phase --------------------------------------------------------------------------------------
-    def _phase_fn(self, phase: Phase) -> Callable:
+    # -- one program ------------------------------------------------------------------------------------
+    def _program_fn(self, group: tuple[int, ...]) -> Callable:
+        """One program running the phases in ``group`` (one provider pass; see `Plan.programs`).
+
+        Each module is traced once. A module that runs in every phase of the group runs unconditionally; one
+        that runs in some of them runs under ``lax.cond`` on the phase (skipped: its state and carried
+        outputs stay). A read that is fresh in some phases and carried in others takes the carried value
+        where the phase reads it carried. A group of one phase is exactly that phase's specialised program.
+        """
         plan = self.plan
+        phases = [plan.phases[i] for i in group]
+        merged = _merge_ops(phases)
+        if merged is None:  # the phases order their work differently: one specialised program each
+            fns = [self._program_fn((i,)) for i in group]
+            position = np.zeros(len(plan.phases), np.int32)
+            position[list(group)] = np.arange(len(group))
 
-        # the state this phase writes, checked after it: a step whose new state is not finite is not applied
-        ran = [op.name for op in phase.ops if op.role != "provider"]
-        checked = [plan.names[w] for op in phase.ops if op.role != "provider" for w in op.writes
-                   if self._output_name(op, w) not in self.modules[op.name].nonfinite_outputs]
+            def switched(params, state, batch, rng, given):
+                branches = [lambda a, s, b, r, g, f=f: f(a, s, b, r, g) for f in fns]
+                k = jnp.asarray(position)[self.phase_index(state.step)]
+                return jax.lax.switch(k, branches, params, state, batch, rng, given)
 
-        def run_phase(params, state: PlanState, batch, rng, given: dict[Quantity, Any]):
+            return switched
+        providers = [op for op in phases[0].ops if op.role == "provider"]
+
+        def run_program(params, state: PlanState, batch, rng, given: dict[Quantity, Any]):
+            index = jnp.asarray(group[0], jnp.int32) if len(group) == 1 else self.phase_index(state.step)
+
+            def in_phases(ps):  # None: every phase of the group
+                return None if len(ps) == len(group) else jnp.any(index == jnp.asarray(sorted(ps), jnp.int32))
+
             env: dict[Quantity, Any] = dict(given)
-            mods = dict(state.modules)
-            slots = dict(state.slots)
+            mods, slots = dict(state.modules), dict(state.slots)
             infos: dict[str, dict[str, Any]] = {}
-            for op in phase.ops:
-                if op.role == "provider":
-                    env.update(self._run_provider(op, params, batch, rng))
-                    continue
-                m = self.modules[op.name]
-                inputs = {}
-                for r in op.reads:
-                    if r.source == "slot":  # the value from before this step, whatever ran earlier in it
-                        inputs[r.quantity] = state.slots[plan.names[r.node]]
-                    elif r.node.is_input:
-                        inputs[r.quantity] = {"params": params, "batch": batch, "rng": None}[r.node.kind]
-                    else:
-                        inputs[r.quantity] = env[r.node]
+            written: list[tuple[Any, Any]] = []  # (state written, whether its module ran)
+            for op in providers:
+                env.update(self._run_provider(op, params, batch, rng))
+            for mop in merged:
+                op, m, when = mop.op, self.modules[mop.op.name], in_phases(mop.phases)
                 ctx = self._ctx(op.name, state.step, rng, params, batch)
-                if "rng" in [r.node.kind for r in op.reads]:
-                    inputs[next(r.quantity for r in op.reads if r.node.kind == "rng")] = ctx.rng
+                inputs = {}
+                for r, (how, fresh_in) in zip(op.reads, mop.reads):
+                    if r.node.kind == "rng":
+                        inputs[r.quantity] = ctx.rng
+                    elif how == "input":
+                        inputs[r.quantity] = {"params": params, "batch": batch}[r.node.kind]
+                    elif how == "slot":  # the value from before this step, whatever ran earlier in it
+                        inputs[r.quantity] = state.slots[plan.names[r.node]]
+                    elif how == "fresh":
+                        inputs[r.quantity] = env[r.node]
+                    else:  # fresh in some phases, carried in others: the carried value there
+                        inputs[r.quantity] = _fresh_or_carried(env[r.node], state.slots[plan.names[r.node]],
+                                                               in_phases(fresh_in), how == "select")
                 # reads are in declaration order (take applied by the planner): the module's names for them
                 inputs = Inputs(dict(zip(m.input_names(), (inputs[r.quantity] for r in op.reads))), op.name)
-                outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, state.slots, state.step)
+                outs, new_state, info = self._run_module(m, op, inputs, mods[op.name], ctx, state.slots,
+                                                         state.step, when)
                 mods[op.name] = _like(new_state, mods[op.name])
                 infos[op.name] = info
                 for qv in op.outputs:
                     env[qv] = outs[qv]
                 for w in op.writes:
                     slots[plan.names[w]] = _like(outs[w], state.slots[plan.names[w]])
+                # a step whose new state is not finite is not applied
+                checked = [slots[plan.names[w]] for w in op.writes
+                           if self._output_name(op, w) not in m.nonfinite_outputs]
+                written.append(([mods[op.name], checked], when))
             updates = env[self.update_q]
-            written = [mods[n] for n in ran] + [slots[n] for n in checked]
-            finite = _step_is_finite(updates, env) & tree_all_finite(_floating(written))
+            finite = _step_is_finite(updates, env)
+            for tree, when in written:
+                ok = tree_all_finite(_floating(tree))
+                finite = finite & (ok if when is None else ok | ~when)
             mods, slots = _kept(finite, (mods, slots), (state.modules, state.slots),
                                 lambda: self._initial_like((state.modules, state.slots), params, rng, batch))
             new = PlanState(state.step + 1, mods, slots, state.skipped + (~finite).astype(state.skipped.dtype))
             updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-            info = self._info(env, infos, updates, finite, new.skipped, phase.index)
+            info = self._info(env, infos, updates, finite, new.skipped, index)
             return updates, new, info
 
-        run_phase.__name__ = f"phase_{phase.index}"
-        return run_phase
+        run_program.__name__ = "phase_" + "_".join(map(str, group))
+        return run_program
 
     def _run_provider(self, op: Op, params, batch, rng) -> dict[Quantity, Any]:
         impl = PROVIDER_IMPLS.get(op.op)
@@ -409,16 +442,16 @@ class LoweredPlan:
             out[qv] = vals[base]
         return out
 
-    def _run_module(self, m: Module, op: Op, inputs, mstate, ctx: Context, slots, step):
+    def _run_module(self, m: Module, op: Op, inputs, mstate, ctx: Context, slots, step, when=None):
+        """The module's outputs, new state and telemetry; under ``lax.cond`` on ``when`` (its phases, in a
+        merged program) and on its own cadence (``op.guard``, the unplanned baseline)."""
         def run(inputs, mstate):
             outs, new_state, info = _unpack(m, m.apply(inputs, mstate, ctx))
             by_name = dict(zip(m.outputs(), m.output_names()))
             return {x: outs[by_name[x]] for x in op.outputs}, new_state, self._module_info(m, info)
 
-        if op.guard is None:
-            return run(inputs, mstate)
-        forced = self.guard_override.get(op.name) if self.guard_override else None
-        if forced is True:
+        forced = self.guard_override.get(op.name) if self.guard_override and op.guard is not None else None
+        if (op.guard is None or forced is True) and when is None:
             return run(inputs, mstate)
         try:
             shapes = jax.eval_shape(lambda: run(inputs, mstate))
@@ -426,13 +459,17 @@ class LoweredPlan:
             # outputs that are not arrays (operators) cannot leave a lax.cond: they are trace-time closures
             # whose cost is paid by their consumers, which are guarded themselves.
             return run(inputs, mstate)
-        active = jnp.asarray(self.run_table[op.name])[self._reduce(step)]
+        active = when
+        if op.guard is not None and forced is None:
+            cadence = jnp.asarray(self.run_table[op.name])[self._reduce(step)]
+            active = cadence if active is None else active & cadence
 
         def skip():
             outs = {}
             for x in op.outputs:
-                if x in op.writes:
-                    outs[x] = slots[self.plan.names[x]]
+                if x in op.writes:  # in the output's dtype (the state's may be wider)
+                    outs[x] = jax.tree.map(lambda s, sh: s.astype(sh.dtype), slots[self.plan.names[x]],
+                                           shapes[0][x])
                 else:
                     outs[x] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][x])
             info = {k: jnp.asarray(_INFO_DEFAULTS[dt], _INFO_DTYPES[dt]) for k, dt in m.info_fields}
@@ -440,6 +477,8 @@ class LoweredPlan:
 
         if forced is False:
             return skip()
+        if active is None:
+            return run(inputs, mstate)
         return jax.lax.cond(active, lambda: run(inputs, mstate), skip)
 
     def _module_info(self, m: Module, reported: dict[str, Any]) -> dict[str, Any]:
@@ -488,10 +527,97 @@ class LoweredPlan:
     def switch(self, params, state: PlanState, batch, rng=None, given=None):
         """One step with the phase chosen inside the program (``lax.switch`` on ``state.step``)."""
         given = given or {}
-        if len(self.phase_fns) == 1:
-            return self.phase_fns[0](params, state, batch, rng, given)
-        branches = [lambda a, s, b, r, g, f=f: f(a, s, b, r, g) for f in self.phase_fns]
-        return jax.lax.switch(self.phase_index(state.step), branches, params, state, batch, rng, given)
+        if len(self.program_fns) == 1:
+            return self.program_fns[0](params, state, batch, rng, given)
+        branches = [lambda a, s, b, r, g, f=f: f(a, s, b, r, g) for f in self.program_fns]
+        program = np.zeros(len(self.plan.phases), np.int32)
+        for k, g in enumerate(self.plan.programs):
+            program[list(g)] = k
+        return jax.lax.switch(jnp.asarray(program)[self.phase_index(state.step)], branches, params, state, batch,
+                              rng, given)
+
+
+class _MergedOp(NamedTuple):
+    """A module's op in a program over several phases: the union of its outputs and writes, the phases it
+    runs in, and how each read is resolved (``input``, ``slot``, ``fresh``; read carried in some phases:
+    ``select`` where its writer runs there too, ``skipped`` where not), with the phases in which it is fresh."""
+
+    op: Op
+    phases: frozenset[int]
+    reads: tuple[tuple[str, frozenset[int]], ...]
+
+
+def _fresh_or_carried(fresh_value: Any, carried: Any, fresh: jax.Array, select: bool) -> Any:
+    """A read that is fresh in some phases of a merged program and carried in the others. Where its writer is
+    skipped (``select`` False) the fresh value already is the carried one, unless the writer's output dtype
+    differs from the stored one (bfloat16 parameters, float32 state): then, as under ``select``, the phases
+    that read it carried get the stored value, and every phase the stored dtype."""
+    same = all(f.dtype == c.dtype for f, c in zip(jax.tree.leaves(fresh_value), jax.tree.leaves(carried)))
+    if same and not select:
+        return fresh_value
+    return jax.tree.map(lambda f, c: jnp.where(fresh, f.astype(c.dtype), c), fresh_value, carried)
+
+
+def _merge_ops(phases: list[Phase]) -> list[_MergedOp] | None:
+    """The module ops of ``phases`` (same providers) as one schedule, in an order every phase agrees with; None
+    when the phases call a module differently (its reads or settings) or order their work incompatibly."""
+    by_label: dict[str, dict[int, Op]] = {}
+    rank: dict[str, tuple[int, int]] = {}
+    for ph in phases:
+        for pos, op in enumerate(ph.ops):
+            if op.role == "module":
+                by_label.setdefault(op.name, {})[ph.index] = op
+                rank.setdefault(op.name, (pos, ph.index))
+    producer: dict[Quantity, str] = {}
+    for lbl, ops in by_label.items():
+        for op in ops.values():
+            for x in op.outputs:
+                if producer.setdefault(x, lbl) != lbl:
+                    return None
+    merged, after = {}, {lbl: set() for lbl in by_label}
+    for lbl, ops in by_label.items():
+        first = next(iter(ops.values()))
+        if any((o.op, o.attrs, o.guard, [r.quantity for r in o.reads]) !=
+               (first.op, first.attrs, first.guard, [r.quantity for r in first.reads]) for o in ops.values()):
+            return None
+        outputs = tuple(dict.fromkeys(x for o in ops.values() for x in o.outputs))
+        writes = tuple(dict.fromkeys(x for o in ops.values() for x in o.writes))
+        reads = []
+        for j, r in enumerate(first.reads):
+            seen = {p: o.reads[j] for p, o in ops.items()}
+            if len({x.node for x in seen.values()}) != 1:
+                return None
+            fresh_in = frozenset(p for p, x in seen.items() if x.source == "fresh")
+            if r.node.is_input or r.source == "input":  # params, batch, rng; or given (in env from the start)
+                reads.append(("input" if r.node.is_input else "fresh", fresh_in))
+                continue
+            if fresh_in and r.node not in producer:  # a provider's output (providers run first)
+                if not all(x.source == "fresh" for x in seen.values()):
+                    return None
+                reads.append(("fresh", fresh_in))
+                continue
+            if fresh_in:
+                after[lbl].add(producer[r.node])
+            if not fresh_in:
+                reads.append(("slot", fresh_in))
+            elif fresh_in == frozenset(ops):
+                reads.append(("fresh", fresh_in))
+            else:  # where it is read carried and its writer runs too, the carried value must be selected
+                writer = by_label.get(producer[r.node], {})
+                carried_in = frozenset(ops) - fresh_in
+                reads.append(("select" if carried_in & frozenset(writer) else "skipped", fresh_in))
+        merged[lbl] = _MergedOp(dataclasses.replace(first, outputs=outputs, writes=writes), frozenset(ops),
+                                tuple(reads))
+    order: list[_MergedOp] = []
+    done: set[str] = set()
+    while len(order) < len(merged):
+        ready = [lbl for lbl in merged if lbl not in done and after[lbl] <= done]
+        if not ready:
+            return None
+        lbl = min(ready, key=rank.__getitem__)
+        done.add(lbl)
+        order.append(merged[lbl])
+    return order
 
 
 def _checked_state(m: Module, state: Any) -> Any:

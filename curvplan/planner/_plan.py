@@ -84,6 +84,24 @@ class Plan:
                 return m
         raise KeyError(f"no module named {name!r} in this plan; modules: {[m.label for m in self.modules]}")
 
+    @cached_property
+    def programs(self) -> tuple[tuple[int, ...], ...]:
+        """The phases each compiled program runs, one tuple of phase indices per program.
+
+        Phases with the same provider pass (the same model evaluations) differ only in module work, and are
+        lowered as one program: what every one of them runs is traced once, the rest runs under ``lax.cond``
+        on the phase. Phases that evaluate the model differently (a refresh step that linearizes it) keep a
+        program of their own. ``print(plan)`` lists the merge on its ``programs:`` line.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for ph in self.phases:
+            groups.setdefault(tuple(op for op in ph.ops if op.role == "provider"), []).append(ph.index)
+        return tuple(tuple(g) for g in groups.values())
+
+    def program_of(self, phase: int) -> int:
+        """The index in `programs` of the program that runs ``phase``."""
+        return next(i for i, g in enumerate(self.programs) if phase in g)
+
     @property
     def phase_table(self) -> dict[str, Any]:
         """The phase table as data: ``{"prefix", "period", "table"}`` (``table[reduce_step(t)]``)."""
@@ -130,8 +148,16 @@ class Plan:
     # -- text --------------------------------------------------------------------------------------------
     def __str__(self) -> str:
         if "text" not in self._cache:
-            self._cache["text"] = "\n".join([self._format(), *self._placement_lines()])
+            self._cache["text"] = "\n".join([self._format(), *self._program_lines(), *self._placement_lines()])
         return self._cache["text"]
+
+    def _program_lines(self) -> list[str]:
+        """``programs:``, only when phases are merged (how the plan is compiled, not what it computes)."""
+        if len(self.programs) == len(self.phases):
+            return []
+        groups = " | ".join(" ".join(map(str, g)) for g in self.programs)
+        n = len(self.programs)
+        return [f"programs: {n} for {len(self.phases)} phases ({groups}): one per provider pass, the rest under cond"]
 
     def _placement_lines(self) -> list[str]:
         if self.placement is None:

@@ -35,8 +35,9 @@ class Optimizer:
             is spread over the devices.
         batch_axes: the mesh axes the batch is split over (default ``"data"``, else the mesh's first axis).
 
-    ``step`` picks the phase on the host and calls that phase's jitted program, so each phase compiles
-    exactly once (``trace_counts`` records it). The step counter is read back from the device only when
+    ``step`` picks the phase on the host and calls the jitted program that runs it (`Plan.programs`: phases
+    with the same provider pass share one), so each program compiles exactly once (``trace_counts`` records
+    it). The step counter is read back from the device only when
     ``step`` is given a state it did not return itself, so consecutive steps dispatch without a host sync.
     ``run`` scans many steps in one program with ``lax.switch``.
 
@@ -65,14 +66,16 @@ class Optimizer:
         self.lowered: LoweredPlan = lower_plan(self.plan, _objective(loss_fn, model_fn, loss), mesh)
         self._state_shardings: Any = None  # set by init on a mesh; each step keeps the state on them
         self._param_shardings: Any = None  # and the parameters on theirs
-        self.trace_counts = [0] * len(self.plan.phases)
-        self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.phase_fns)]
+        self.trace_counts = [0] * len(self.plan.programs)
+        self._jitted = [jax.jit(self._counted(i, f)) for i, f in enumerate(self.lowered.program_fns)]
+        self._phase_jitted: dict[int, Callable] = {}  # specialised per-phase programs, for `compiled`
         self._scan = jax.jit(self._run_impl)
         self._last_step: tuple[Any, int] | None = None  # (step array we returned, its value): no host sync
 
-    def _counted(self, i: int, f: Callable) -> Callable:
+    def _counted(self, i: int | None, f: Callable) -> Callable:
         def step(params, state, batch, rng):
-            self.trace_counts[i] += 1
+            if i is not None:
+                self.trace_counts[i] += 1
             self._check(params, state, batch, "Optimizer.step(params, state, batch)")
 
             def body(params, state, batch, rng):
@@ -81,7 +84,7 @@ class Optimizer:
 
             return in_auto_mode(body, self.mesh, params, self._state_shardings)(params, state, batch, rng)
 
-        step.__name__ = f"curvplan_phase_{i}"
+        step.__name__ = f"curvplan_{f.__name__}"
         return step
 
     def _check(self, params, state, batch, where: str) -> None:
@@ -121,15 +124,27 @@ class Optimizer:
         known = self._last_step
         t = known[1] if known is not None and state.step is known[0] else int(state.step)
         with on_mesh(self.mesh):
-            params, state, info = self._jitted[self.plan.phase_of(t)](params, state, batch, rng)
+            params, state, info = self._jitted[self.plan.program_of(self.plan.phase_of(t))](params, state, batch, rng)
         self._last_step = (state.step, t + 1)
         return params, state, info
 
     def compiled(self, phase: int, params, state: PlanState, batch, rng: jax.Array | None = None) -> Any:
-        """The compiled program of ``phase`` for these arguments (a ``jax.stages.Compiled``): its
-        ``cost_analysis()``, ``memory_analysis()`` and ``as_text()`` (on a mesh, the per-device program)."""
+        """The specialised program of ``phase`` alone for these arguments (a ``jax.stages.Compiled``): its
+        ``cost_analysis()``, ``memory_analysis()`` and ``as_text()`` (on a mesh, the per-device program). A
+        merged program (`Plan.programs`) is `program(i, ...)`."""
         with on_mesh(self.mesh):
-            return self._jitted[phase].lower(params, state, batch, rng).compile()
+            return self._phase_jit(phase).lower(params, state, batch, rng).compile()
+
+    def _phase_jit(self, phase: int) -> Callable:
+        """The jitted specialised program of one phase (not what `step` runs when phases are merged)."""
+        if phase not in self._phase_jitted:
+            self._phase_jitted[phase] = jax.jit(self._counted(None, self.lowered.phase_fns[phase]))
+        return self._phase_jitted[phase]
+
+    def program(self, index: int, params, state: PlanState, batch, rng: jax.Array | None = None) -> Any:
+        """The compiled program ``index`` of `Plan.programs` (what `step` runs), as `compiled` gives it."""
+        with on_mesh(self.mesh):
+            return self._jitted[index].lower(params, state, batch, rng).compile()
 
     def _run_impl(self, params, state, batches, rng):
         first = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), batches)

@@ -356,6 +356,7 @@ def test_plan_with_another_activation_consumer_shares_one_layer_io():
           %direction.schatten        = schatten_direction(%grad, carried %schatten_inv_p; vectors=adam)
           %update                    = update_tail(%direction.schatten, params; learning_rate=0.02, source=schatten)
         state: step, schatten_criterion.sg, schatten_criterion.sa, schatten_criterion.count, schatten_criterion.failures, schatten_direction.count, schatten_direction.m, schatten_direction.v, schatten_direction.adam_m, update_tail.opt_state, slot %schatten_inv_p
+        programs: 1 for 2 phases (0 1): one per provider pass, the rest under cond
     """,
     )
 

@@ -230,6 +230,7 @@ def test_plan_text_shows_inverse_refresh_every_k():
           %kron.kfac                                  = kfac_factors(%activations, %out_cotangents)
           %update                                     = update_tail(%direction.kfac, params; learning_rate=0.1, source=kfac)
         state: step, kfac_direction.v, kfac_direction.count, kfac_factors.sums, kfac_factors.weight, kfac_inverse.failures, update_tail.opt_state, slot %inverse.kfac
+        programs: 1 for 2 phases (0 1): one per provider pass, the rest under cond
     """)
 
 
@@ -247,7 +248,7 @@ def test_w1_trains_with_kfac():
         params, state, info = opt.step(params, state, next(batches))
         assert int(info.kfac_layers) == 3 and int(info.kfac_fallback_leaves) == 0
     assert float(w.loss_fn(params, fixed)) < 0.6 * first
-    assert opt.trace_counts == [1, 1]  # each phase compiles once
+    assert opt.plan.programs == ((0, 1),) and opt.trace_counts == [1]  # one program, compiled once
 
 
 @pytest.mark.usefixtures("x64")
@@ -301,7 +302,7 @@ def test_adaptive_damping_preset_trains_w1_and_adapts_lambda():
     ratios = np.asarray(lams) / np.asarray([0.1] + lams[:-1])
     assert all(min(abs(r - f) for f in (omega, 1 / omega, 1.0)) < 1e-6 for r in ratios), ratios
     assert any(abs(r - 1.0) > 1e-6 for r in ratios), (lams, rhos)
-    assert opt.trace_counts == [1] * len(opt.plan.phases)
+    assert opt.trace_counts == [1] * len(opt.plan.programs)
 
 
 def scanned_problem():

@@ -97,7 +97,7 @@ def test_phases_are_visible_and_each_compiles_once():
     for t in range(12):
         params, state, info = opt.step(params, state, batch)
         assert int(info.phase) == plan.phase_of(t) and np.isfinite(float(info.loss))
-    assert opt.trace_counts == [1] * 6
+    assert plan.programs == (tuple(range(6)),) and opt.trace_counts == [1]  # one program for six phases
 
 
 def test_w1_trains_with_scao():

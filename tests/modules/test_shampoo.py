@@ -62,7 +62,7 @@ def test_w1_trains_with_shampoo():
     opt = cp.Optimizer(shampoo(learning_rate=0.02, root_every=5, graft="adam"), **w.optimizer_kwargs())
     losses, _ = train_losses(opt, w, 15)
     assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
-    assert opt.trace_counts == [1] * len(opt.plan.phases)
+    assert opt.trace_counts == [1] * len(opt.plan.programs)
 
 @pytest.mark.parametrize("family", ["shampoo", "soap", "scao"])
 def test_planned_equals_unplanned_and_plans_round_trip(x64, family):

@@ -132,6 +132,7 @@ def test_shampoo_and_soap_share_one_gram_and_one_eigendecomposition():
           %direction.mix     = test_mix_directions(%direction.shampoo, %direction.soap)
           %update            = update_tail(%direction.mix, params; learning_rate=0.01, source=mix)
         state: step, grad_gram.factors, grad_gram.count, gram_eigbasis.failures, shampoo.roots, shampoo.seen, shampoo.failures, shampoo.graft, shampoo.count, soap.m, soap.v, soap.used, soap.seen, soap.count, update_tail.opt_state, slot %eigbasis.grad_gram
+        programs: 1 for 2 phases (0 1): one per provider pass, the rest under cond
     """)
     # against SOAP alone, adding Shampoo (and the mix) adds no Gram and no eigendecomposition
     alone = [m for m in _shared() if not isinstance(m, (Shampoo, _Mix, UpdateTail))]
@@ -155,7 +156,7 @@ def test_w1_trains_with_soap():
     opt = cp.Optimizer(soap(learning_rate=1e-2, precondition_frequency=5), **w.optimizer_kwargs())
     losses, _ = train_losses(opt, w, 15)
     assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
-    assert opt.trace_counts == [1] * len(opt.plan.phases)
+    assert opt.trace_counts == [1] * len(opt.plan.programs)
 
 
 def test_w3_smoke_shampoo_and_soap_sharing_one_gram():

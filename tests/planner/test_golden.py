@@ -112,6 +112,7 @@ def test_kfac():
           %update:kfac                                = toy:kfac_direction(%grad, carried %inv.kfac)
           %kron.kfac                                  = toy:kfac_factors(%activations, %out_cotangents; decay=0.95)
         state: step, kfac_factors.s, slot %inv.kfac
+        programs: 2 for 3 phases (0 | 1 2): one per provider pass, the rest under cond
     """)
     assert [plan.phase_of(t) for t in (0, 9, 10, 11, 14, 15, 16, 1000)] == [0, 0, 1, 2, 2, 1, 2, 1]
     assert plan.running(12) == {"kfac_factors", "kfac_direction"}
@@ -150,6 +151,7 @@ def test_scao():
           %grad, %loss    = value_and_grad(params, batch)
           %update:precond = toy:preconditioned(%grad, carried %eigbasis.grad_gram)
         state: step, adam.s, blend.s, gram_factors.s, preconditioned.s, slot %eigbasis.grad_gram
+        programs: 1 for 6 phases (0 1 2 3 4 5): one per provider pass, the rest under cond
     """)
     assert [plan.phase_of(t) for t in (0, 1, 90, 99, 100, 101, 149, 150, 151, 1000, 1001)] == [
         0, 1, 0, 1, 2, 3, 3, 4, 5, 4, 5]

@@ -61,7 +61,7 @@ def test_compiles_once_per_phase_and_matches_unplanned_over_20_steps():
         np.testing.assert_allclose(float(ia.loss), float(ib.loss), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-    assert a.trace_counts == [1] * len(planned.phases)
+    assert a.trace_counts == [1] * len(planned.programs)
     assert b.trace_counts == [1]
     # a real change happened: the loss went down
     assert float(_loss(pa, batch)) < float(_loss(params, batch))
