@@ -140,10 +140,13 @@ class Method:
     """A composition to benchmark. ``modules(w)`` builds the curvplan module list; ``peer(w)`` the peer's
     runner with the same settings (or None); ``shares``: whether planning has work to remove (cadences or
     quantities shared between modules), i.e. whether it belongs in the planning ablation; ``workload``: where
-    the ablation and peer comparisons run it."""
+    the ablation and peer comparisons run it; ``defaults(w)``: what the time-to-target tables run where it
+    differs from ``modules`` (the preset at its own defaults, where those are tuned for time to result and
+    ``modules`` carries settings matched to a peer)."""
 
     modules: Callable[[Workload], list]
     peer: Callable[[Workload], Runner] | None = None
+    defaults: Callable[[Workload], list] | None = None
     shares: bool = True
     workload: str = "w1"
     losses: tuple[str, ...] = ("ce", "mse")
@@ -196,7 +199,8 @@ def _kfac_telemetry(w):
 
 METHODS: dict[str, Method] = {
     "gauss_newton_cg": Method(lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind, **CG), _somax("sgn_{loss}", **_SOMAX_CG),
-                              shares=False, note="one linearization per step; nothing to share"),
+                              shares=False, note="one linearization per step; nothing to share",
+                              defaults=lambda w: cp.presets.gauss_newton_cg(loss=w.loss_kind)),
     # Newton-CG with λ = 10 and lr 0.5 so that neither side diverges on W1 (a NaN ends Somax's CG at once)
     "newton_cg": Method(lambda w: cp.presets.newton_cg(**{**CG, "lam": 10.0}, learning_rate=0.5),
                         _somax("newton_cg", **{**_SOMAX_CG, "lam0": 10.0, "learning_rate": 0.5}), shares=False),
@@ -244,7 +248,8 @@ ADAMW_LR = {"w1": 3e-3, "w2": 3e-3, "w3": 3e-3, "w4": 3e-3, "w5": 1e-2}
 
 
 def make_runner(name: str, w: Workload) -> Runner:
-    """``adamw``, ``cp:<method>``, ``cp:<method>:unplanned``, ``peer:<method>`` (see `METHODS`)."""
+    """``adamw``, ``cp:<method>``, ``cp:<method>:unplanned``, ``cp:<method>:defaults``, ``peer:<method>``
+    (see `METHODS`)."""
     if name == "adamw":
         return adamw(w)
     kind, _, rest = name.partition(":")
@@ -252,7 +257,8 @@ def make_runner(name: str, w: Workload) -> Runner:
     if kind in ("cp", "peer") and method not in METHODS:
         raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if kind == "cp":
-        return curvplan_runner(method, METHODS[method].modules(w), w, optimize=variant != "unplanned")
+        make = METHODS[method].defaults if variant == "defaults" else None
+        return curvplan_runner(method, (make or METHODS[method].modules)(w), w, optimize=variant != "unplanned")
     if kind == "peer":
         if METHODS[method].peer is None:
             raise KeyError(f"method {method!r} has no peer")

@@ -210,7 +210,8 @@ def suite_vs_adamw(workload: str, steps: int, repeats: int, methods: list[str]) 
 
 def suite_ttt(workload: str, budget: int, seeds: int, methods: list[str], eval_every: int) -> dict:
     """AdamW runs ``budget`` steps per seed; the target is the median over seeds of its held-out loss at 60%
-    of the budget; every method then trains up to ``budget`` steps and stops when it reaches the target."""
+    of the budget; every method then trains up to ``budget`` steps (with `Method.defaults` where
+    given) and stops when it reaches the target."""
     w = get_workload(workload)
     out = {"workload": workload, "budget": budget, "seeds": seeds, "curves": {}, "reached": {}}
     ref = [measure.train_curve(adamw(w), w, steps=budget, seed=s, eval_every=eval_every) for s in range(seeds)]
@@ -223,7 +224,7 @@ def suite_ttt(workload: str, budget: int, seeds: int, methods: list[str], eval_e
         _progress(i, len(names), f"time-to-target {m} on {workload} (target {target:.4f})")
         runs = []
         for s in range(seeds):
-            r = adamw(w) if m == "adamw" else make_runner(f"cp:{m}", w)
+            r = adamw(w) if m == "adamw" else make_runner(f"cp:{m}:defaults", w)
             runs.append(measure.train_curve(r, w, steps=budget, seed=s, eval_every=eval_every, target=target))
         out["curves"][m] = [r["curve"] for r in runs]
         reached = [r["reached"] for r in runs]
