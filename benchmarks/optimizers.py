@@ -210,7 +210,8 @@ METHODS: dict[str, Method] = {
     "sophia_g": Method(lambda w: cp.presets.sophia_g(**SOPHIA), _somax("sophia_g", **_SOMAX_SOPHIA), losses=("ce",)),
     "adahessian": Method(lambda w: cp.presets.adahessian(**ADAHESSIAN),
                          _somax("adahessian", learning_rate=ADAHESSIAN["learning_rate"],
-                                eval_every_k=ADAHESSIAN["hessian_every"])),
+                                eval_every_k=ADAHESSIAN["hessian_every"]),
+                         defaults=lambda w: cp.presets.adahessian()),
     "levenberg_marquardt": Method(
         lambda w: cp.presets.levenberg_marquardt(loss=w.loss_kind, rho_every=5, lam0=CG["lam"], tol=CG["tol"],
                                                  maxiter=CG["maxiter"]),

@@ -4,6 +4,7 @@
     python -m benchmarks.sweep kfac_adaptive          # K-FAC: fixed lr vs the quadratic-model step, W1, + kfac-jax
     python -m benchmarks.sweep kfac_adaptive_w3       # the same on the W3 char transformer
     python -m benchmarks.sweep adahessian             # AdaHessian learning rate, W1, to the AdamW target
+    python -m benchmarks.sweep adahessian_fine        # ... and β2, clipping around its best points
     python -m benchmarks.sweep gauss_newton_cg        # Gauss-Newton-CG damping x radius, W1, to the target
     python -m benchmarks.sweep gauss_newton_cg_w4     # its damping on the W4 least-squares workload
     python -m benchmarks.sweep cg_radius --steps 50 --seeds 0 1
@@ -113,6 +114,12 @@ SWEEPS: dict[str, Sweep] = {
         target=W1_TARGET, eval_every=20, counters=("skipped",),
         about="AdaHessian over its learning rate and Hessian-diagonal cadence. AdamW reaches the target "
               f"{W1_TARGET} in 360 steps (median of 5 seeds)."),
+    "adahessian_fine": Sweep(
+        "w1", lambda w, **kw: cp.presets.adahessian(hessian_every=1, **kw),
+        {"learning_rate": (0.1, 0.15), "beta2": (0.99, 0.999), "clip_norm": (None, 1.0)}, steps=600,
+        seeds=(0, 1, 2), target=W1_TARGET, eval_every=20, counters=("skipped",),
+        about="AdaHessian with a fresh Hessian diagonal every step, around the best points of `adahessian`: "
+              f"learning rate x β2 x update clipping. AdamW reaches the target {W1_TARGET} in 360 steps."),
     "gauss_newton_cg": Sweep(
         "w1", lambda w, **kw: cp.presets.gauss_newton_cg(loss=w.loss_kind, maxiter=10, **kw),
         {"lam": (0.01, 0.1, 1.0), "radius": (1.0, 3.0)}, steps=600, seeds=(0, 1, 2), target=W1_TARGET,

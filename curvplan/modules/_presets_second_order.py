@@ -76,20 +76,26 @@ def egn(
 
 
 def adahessian(
-    learning_rate: Any = 1.0,
+    learning_rate: Any = 0.15,
     *,
     beta1: float = 0.9,
-    beta2: float = 0.999,
+    beta2: float = 0.99,
     hessian_power: float = 1.0,
     eps: float = 1e-8,
     probes: int = 1,
     hessian_every: int = 1,
     spatial_averaging: bool = True,
     weight_decay: float = 0.0,
-    clip_norm: float | None = None,
+    clip_norm: float | None = 1.0,
 ) -> list[Module]:
     """AdaHessian: Hutchinson diagonal of the Hessian, spatially averaged over flax conv kernel axes,
-    ``v = EMA_β2(d²)`` bias-corrected by refresh count, ``s = m̂ / (v̂^(power/2) + eps)``."""
+    ``v = EMA_β2(d²)`` bias-corrected by refresh count, ``s = m̂ / (v̂^(power/2) + eps)``.
+
+    The defaults (learning rate 0.15, a fresh diagonal every step, β2 = 0.99, the update clipped to global
+    norm 1) came from ``python -m benchmarks.sweep adahessian`` and ``adahessian_fine`` on the digits MLP:
+    they reach AdamW's time-to-target loss in 180-220 steps on 3 of 3 seeds, where the paper's β2 = 0.999
+    without clipping reached it on at most 2, and a diagonal refreshed every 10 steps on none (a stale
+    single-probe diagonal lets the learning rates that make progress diverge)."""
     est = (("est", "hutchinson"), ("probes", probes))
     mods: list[Module] = [Hessian(), HutchinsonDiag(probes=probes)]
     if spatial_averaging:

@@ -77,9 +77,9 @@ def test_golden_adahessian():
           %curv_op                      = hessian(%hvp_op.hessian)
           %diag.curvature               = hutchinson_diag(%curv_op, rng)
           %diag.curvature_1             = spatial_average(%diag.curvature)
-          %precond.diag                 = diag_ema(%diag.curvature_1; beta=0.999, estimate=((est,hutchinson),(probes,1),(spatial,mean)), mode=adahessian) -> carried
+          %precond.diag                 = diag_ema(%diag.curvature_1; estimate=((est,hutchinson),(probes,1),(spatial,mean)), mode=adahessian) -> carried
           %direction.diag               = diagonal_direction(%grad, %precond.diag)
-          %update                       = update_tail(%direction.diag, params; source=diag)
+          %update                       = update_tail(%direction.diag, params; clip_norm=1.0, learning_rate=0.15, source=diag)
         state: step, diag_ema.v, diag_ema.count, diagonal_direction.m, diagonal_direction.count, update_tail.opt_state, slot %precond.diag
     """)
 
@@ -196,7 +196,7 @@ def test_diagonal_presets_match_numpy_reference(preset):
     b = np.array([1.0, 0.2, -0.3, 0.5, 0.0])
     x0 = np.array([0.5, -1.0, 2.0, 0.1, -0.4])
     if preset == "adahessian":
-        mods = P.adahessian(learning_rate=0.1)
+        mods = P.adahessian(learning_rate=0.1, beta2=0.999, clip_norm=None)
         ref = numpy_diag_method(a, b, x0, 7, mode="adahessian", lr=0.1, beta1=0.9, beta2=0.999)
     else:
         mods = P.sophia_h(learning_rate=0.1, hessian_every=3, gamma=0.5)
