@@ -297,8 +297,10 @@ class GramEigbasis(GramConsumer):
                 Q, lam = eigh_desc(a)
                 new = Eigen(Q, lam, jnp.arange(a.shape[0], dtype=jnp.int32))
             else:
-                new = jax.lax.cond(first, lambda: Eigen(*eigh_desc(a), jnp.arange(a.shape[0], dtype=jnp.int32)),
-                                   lambda: power_qr(a, old))
+                # The identity permutation is built on ``old.perm`` so that, inside ``shard_map``, it carries the
+                # same per-device (varying) type as the other branch's output.
+                identity = jnp.zeros_like(old.perm) + jnp.arange(a.shape[0], dtype=jnp.int32)
+                new = jax.lax.cond(first, lambda: Eigen(*eigh_desc(a), identity), lambda: power_qr(a, old))
             ok = jnp.all(jnp.isfinite(new.Q)) & jnp.all(jnp.isfinite(new.lam))
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old), (~ok).astype(jnp.int32)
 
