@@ -144,35 +144,45 @@ def suite_peers(workload: str | None, steps: int, repeats: int, methods: list[st
     return rows
 
 
-def suite_kfac(steps: int, repeats: int) -> list[dict]:
-    """curvplan K-FAC vs kfac-jax 0.0.8 on W1, alternating processes: each repeat times one in-process
-    curvplan block, then runs the peer script in its venv (which warms up, then times one block)."""
+KFAC_WORKLOADS = ("w1", "w1-wide")
+"""Where K-FAC is timed against kfac-jax (the peer script rebuilds each one's MLP, data split and batches)."""
+
+
+def suite_kfac(steps: int, repeats: int, workload: str = "w1") -> list[dict]:
+    """curvplan K-FAC vs kfac-jax 0.0.8 on an MLP workload, alternating processes: each repeat times one
+    in-process curvplan block, then runs the peer script in its venv (which warms up, then times one block)."""
     import subprocess
 
     from benchmarks.optimizers import KFAC
+    from benchmarks.workloads import WIDE_SIZES
 
+    if workload not in KFAC_WORKLOADS:
+        raise SystemExit(f"the kfac suite runs on {', '.join(KFAC_WORKLOADS)}, not {workload!r}")
     venv = pathlib.Path(__file__).parent.parent / ".venv-kfac" / "bin" / "python"
     if not venv.exists():
-        return [{"method": "kfac", "workload": "w1", "error": "kfac-jax venv missing: run `make bench-peers`"}]
-    w = get_workload("w1")
+        return [{"method": "kfac", "workload": workload, "error": "kfac-jax venv missing: run `make bench-peers`"}]
+    w = get_workload(workload)
+    sizes = WIDE_SIZES if workload == "w1-wide" else (64, 128, 128, 10)
     ours = make_runner("cp:kfac", w)
     live = measure.Live(ours, w, 0, None)
     live.run(ours.period + 2)
     script = pathlib.Path(__file__).parent / "peers" / "kfac_jax_w1.py"
     cmd = [str(venv), str(script), "--steps", str(steps), "--blocks", "1", "--inverse-every",
            str(KFAC["inverse_every"]), "--ema", str(KFAC["ema"]), "--damping", str(KFAC["damping"]),
-           "--learning-rate", str(KFAC["learning_rate"])]
+           "--learning-rate", str(KFAC["learning_rate"]), "--batch", str(w.batch_size),
+           "--sizes", ",".join(map(str, sizes))]
     n = -(-steps // ours.period) * ours.period
     mine, peer = [], []
     for rep in range(repeats):
         mine.append(live.run(n) / n)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         peer.append(json.loads(out.stdout.strip().splitlines()[-1])["sec_per_step"][0])
-        _log(f"repeat {rep + 1}/{repeats}: curvplan {mine[-1] * 1e3:.2f} ms, kfac-jax {peer[-1] * 1e3:.2f} ms")
+        _log(f"{workload} repeat {rep + 1}/{repeats}: curvplan {mine[-1] * 1e3:.2f} ms, "
+             f"kfac-jax {peer[-1] * 1e3:.2f} ms")
 
     a, b = measure.summary(mine), measure.summary(peer)
     co = measure.cost(ours, w)
-    return [{"method": "kfac", "workload": "w1", "peer": "kfac-jax 0.0.8 (jax 0.9.1, subprocess)",
+    return [{"method": "kfac", "workload": workload, "peer": "kfac-jax 0.0.8 (jax 0.9.1, subprocess)",
              "time_curvplan": a, "time_peer": b, "time_ratio": measure.ratio_stats(a, b),
              "flops_curvplan": co["flops"], "flops_peer": float("nan"), "programs": ours.n_programs}]
 
@@ -469,7 +479,8 @@ def main(argv=None) -> dict:
     if args.suite in ("peers", "all"):
         result["peers"] = suite_peers(args.workload, args.steps, args.repeats, args.methods)
     if args.suite in ("kfac", "all"):
-        result["peers"] = result.get("peers", []) + suite_kfac(args.steps, args.repeats)
+        for wl in [args.workload] if args.workload else KFAC_WORKLOADS:
+            result["peers"] = result.get("peers", []) + suite_kfac(args.steps, args.repeats, wl)
     if args.suite in ("vs-adamw", "all"):
         result["vs_adamw"] = []
         for wl, methods in VS_ADAMW.items():
@@ -480,7 +491,7 @@ def main(argv=None) -> dict:
             if args.workload and wl != args.workload:
                 continue
             try:
-                seeds = 3 if wl == "w3" else args.seeds  # W3 is ~40 ms/step here
+                seeds = 3 if wl in ("w3", "w1-wide") else args.seeds  # W3 ~40 ms/step here, the wide MLP ~25
                 result["ttt"].append(suite_ttt(wl, budget, seeds, args.methods or methods, every))
             except WorkloadUnavailable as e:
                 _log(f"skipping {wl}: {e}")
@@ -519,6 +530,7 @@ TTT = {
                      "muon"]),
     "w4": (1500, 50, ["levenberg_marquardt", "gauss_newton_cg", "hessian_free"]),
     "w3": (300, 50, ["muon", "shampoo", "soap", "scao", "kfac", "kfac_adaptive"]),
+    "w1-wide": (300, 15, ["kfac", "kfac_adaptive", "shampoo", "soap", "muon", "sophia_h"]),
 }
 """workload -> (step budget, eval every, methods) for time-to-target vs AdamW."""
 

@@ -327,9 +327,14 @@ def _linear_mlp(params, x):
     return x
 
 
+WIDE_SIZES = (64, 1024, 1024, 1024, 10)
+"""The wide MLP: three 1024-wide hidden layers, where a step's matmuls (not dispatch) set its time."""
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "w1": lambda: Workload("w1", "digits MLP 64-128-128-10 tanh, CE, bs 256", _mlp_init((64, 128, 128, 10)),
                            _load_digits, 256, mlp, "ce"),
+    "w1-wide": lambda: Workload("w1-wide", "digits MLP 64-1024-1024-1024-10 tanh, CE, bs 512",
+                                _mlp_init(WIDE_SIZES), _load_digits, 512, mlp, "ce"),
     "w1-full": lambda: Workload("w1-full", "digits MLP 64-128-128-10 tanh, CE, full batch (1500)",
                                 _mlp_init((64, 128, 128, 10)), _load_digits, None, mlp, "ce"),
     "w2": lambda: Workload("w2", "Fashion-MNIST CNN conv8-pool-conv16-pool-linear, CE, bs 64", _cnn_init,

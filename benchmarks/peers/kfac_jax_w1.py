@@ -2,6 +2,8 @@
 
     .venv-kfac/bin/python benchmarks/peers/kfac_jax_w1.py --steps 30 --blocks 1 --inverse-every 5
 
+``--sizes 64,1024,1024,1024,10 --batch 512`` runs the wide MLP (``w1-wide``) instead.
+
 Standalone on purpose (curvplan needs jax 0.10): same data split, model and batch as
 ``benchmarks.workloads`` W1. Prints one JSON line: seconds per step for each timed block (after a warm-up
 that compiles every program), plus versions.
@@ -39,7 +41,7 @@ def batches(x, y, size, seed):
             yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
 
 
-def init(key, sizes=(64, 128, 128, 10)):
+def init(key, sizes):
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
@@ -69,6 +71,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--sizes", default="64,128,128,10", help="layer widths of the MLP, comma-separated")
     ap.add_argument("--inverse-every", type=int, default=5)
     ap.add_argument("--ema", type=float, default=0.95)
     ap.add_argument("--damping", type=float, default=0.1)
@@ -80,6 +83,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    args.sizes = tuple(int(n) for n in args.sizes.split(","))
     if args.curve:
         return curve(args)
     (x, y), _ = data()
@@ -90,7 +94,7 @@ def main():
         multi_device=False)
     it = batches(x, y, args.batch, 0)
     key = jax.random.key(0) if hasattr(jax.random, "key") else jax.random.PRNGKey(0)
-    params = init(key)
+    params = init(key, args.sizes)
     state = opt.init(jax.tree.map(jnp.copy, params), key, next(it))
     lr, damp, mom = jnp.asarray(args.learning_rate), jnp.asarray(args.damping), jnp.asarray(0.0)
 
@@ -131,7 +135,7 @@ def curve(args):
         return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(yt)[:, None], axis=-1)))
 
     it = batches(x, y, args.batch, args.seed)
-    params = init(jax.random.key(args.seed))
+    params = init(jax.random.key(args.seed), args.sizes)
     key = jax.random.key(args.seed + 1)
     state = opt.init(jax.tree.map(jnp.copy, params), key, next(batches(x, y, args.batch, args.seed)))
     fixed = {} if args.adaptive else {"learning_rate": jnp.asarray(args.learning_rate),
