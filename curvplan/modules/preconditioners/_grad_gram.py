@@ -297,10 +297,11 @@ class GramEigbasis(GramConsumer):
                 Q, lam = eigh_desc(a)
                 new = Eigen(Q, lam, jnp.arange(a.shape[0], dtype=jnp.int32))
             else:
-                # The identity permutation is built on ``old.perm`` so that, inside ``shard_map``, it carries the
-                # same per-device (varying) type as the other branch's output.
-                identity = jnp.zeros_like(old.perm) + jnp.arange(a.shape[0], dtype=jnp.int32)
-                new = jax.lax.cond(first, lambda: Eigen(*eigh_desc(a), identity), lambda: power_qr(a, old))
+                # Inside ``shard_map`` both branches' permutations take the factor's per-device type (adding a
+                # zero built from ``a``): a bare ``arange`` and the carried permutation may differ in it.
+                zero = jnp.zeros_like(a[:, 0], dtype=jnp.int32)
+                new = jax.lax.cond(first, lambda: Eigen(*eigh_desc(a), zero + jnp.arange(a.shape[0], dtype=jnp.int32)),
+                                   lambda: (lambda e: e._replace(perm=e.perm + zero))(power_qr(a, old)))
             ok = jnp.all(jnp.isfinite(new.Q)) & jnp.all(jnp.isfinite(new.lam))
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old), (~ok).astype(jnp.int32)
 
