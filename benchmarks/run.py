@@ -154,7 +154,6 @@ def suite_kfac(steps: int, repeats: int, workload: str = "w1") -> list[dict]:
     import subprocess
 
     from benchmarks.optimizers import KFAC
-    from benchmarks.workloads import WIDE_SIZES
 
     if workload not in KFAC_WORKLOADS:
         raise SystemExit(f"the kfac suite runs on {', '.join(KFAC_WORKLOADS)}, not {workload!r}")
@@ -162,9 +161,10 @@ def suite_kfac(steps: int, repeats: int, workload: str = "w1") -> list[dict]:
     if not venv.exists():
         return [{"method": "kfac", "workload": workload, "error": "kfac-jax venv missing: run `make bench-peers`"}]
     w = get_workload(workload)
-    sizes = WIDE_SIZES if workload == "w1-wide" else (64, 128, 128, 10)
     ours = make_runner("cp:kfac", w)
     live = measure.Live(ours, w, 0, None)
+    layers = [live.params[f"layer_{i}"]["w"].shape for i in range(len(live.params))]
+    sizes = [layers[0][0]] + [d_out for _, d_out in layers]  # the MLP's widths, read off its parameters
     live.run(ours.period + 2)
     script = pathlib.Path(__file__).parent / "peers" / "kfac_jax_w1.py"
     cmd = [str(venv), str(script), "--steps", str(steps), "--blocks", "1", "--inverse-every",
@@ -479,7 +479,9 @@ def main(argv=None) -> dict:
     if args.suite in ("peers", "all"):
         result["peers"] = suite_peers(args.workload, args.steps, args.repeats, args.methods)
     if args.suite in ("kfac", "all"):
-        for wl in [args.workload] if args.workload else KFAC_WORKLOADS:
+        chosen = [args.workload] if args.suite == "kfac" and args.workload else [  # `all`: those it covers
+            wl for wl in KFAC_WORKLOADS if args.workload in (None, wl)]
+        for wl in chosen:
             result["peers"] = result.get("peers", []) + suite_kfac(args.steps, args.repeats, wl)
     if args.suite in ("vs-adamw", "all"):
         result["vs_adamw"] = []
